@@ -1,0 +1,346 @@
+"""The runtime: a refusal-token GGUF in llama.cpp, the first-answer-token decision, then generation.
+
+One prompt evaluation serves both the decision and the answer: the logits at the last prompt
+position give p_k for every refusal token; the chosen answer-start token is then appended to
+the same KV cache and decoding continues with llama.cpp's native sampler chain.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rtlocal.errors import RtlocalError
+from rtlocal.metadata import RefusalInfo, read_refusal_info
+from rtlocal.policy import Decision, Mode, Policy, decide
+from rtlocal.prompts import Message, PromptBuilder
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CTX = 4096
+
+
+@dataclass
+class SamplingParams:
+    """llama.cpp's sampler chain settings for the answer (not for the refusal decision)."""
+
+    temperature: float = 0.7
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.1
+    repeat_last_n: int = 64
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise RtlocalError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise RtlocalError(f"top_p must be in (0,1], got {self.top_p}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise RtlocalError(f"min_p must be in [0,1], got {self.min_p}")
+        if self.top_k < 0:
+            raise RtlocalError(f"top_k must be >= 0, got {self.top_k}")
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens reused from the KV cache
+    completion_tokens: int = 0  # tokens after the answer-start token
+    prompt_ms: float = 0.0  # prompt evaluation (the decision's only model cost)
+    decision_ms: float = 0.0  # softmax + rule
+    first_token_ms: float = 0.0  # from the call to the first text token
+    decode_ms: float = 0.0
+    stop_reason: str = ""  # "eos", "length", "context", "cancelled"
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.completion_tokens / (self.decode_ms / 1000) if self.decode_ms > 0 else 0.0
+
+
+@dataclass
+class Response:
+    """One assistant turn: the decision is made before iteration; iterating streams the text."""
+
+    decision: Decision
+    start_token: int | None
+    stats: Stats
+    _chunks: Iterator[str] = field(repr=False, default=iter(()))
+    text: str = ""
+
+    def __iter__(self) -> Iterator[str]:
+        for chunk in self._chunks:
+            self.text += chunk
+            yield chunk
+
+    def finish(self) -> str:
+        """Consume the stream; return the whole text."""
+        for _ in self:
+            pass
+        return self.text
+
+
+class Engine:
+    """A loaded GGUF model with its refusal-token contract."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        n_ctx: int = DEFAULT_CTX,
+        n_threads: int | None = None,
+        n_gpu_layers: int = 0,
+        n_batch: int = 512,
+        verbose: bool = False,
+    ):
+        from llama_cpp import Llama
+
+        path = Path(model_path).expanduser()
+        if not path.is_file():
+            raise RtlocalError(f"{model_path}: no such model file")
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise RtlocalError(f"{model_path}: not a GGUF file")
+        self.path = path
+        try:
+            self.llm = Llama(
+                str(path),
+                n_ctx=n_ctx,
+                n_threads=n_threads or _default_threads(),
+                n_gpu_layers=n_gpu_layers,
+                n_batch=n_batch,
+                logits_all=False,
+                verbose=verbose,
+            )
+        except (ValueError, RuntimeError) as e:
+            raise RtlocalError(f"llama.cpp cannot load {model_path}: {e}") from e
+        self.metadata: dict[str, str] = dict(self.llm.metadata)
+        self._ctx = self.llm._ctx.ctx
+        self._vocab = self.llm._model.vocab
+        self.n_vocab = self.llm.n_vocab()
+        self.n_ctx = self.llm.n_ctx()
+        self.refusal: RefusalInfo = read_refusal_info(self.metadata, self._token_id)
+        bos = self.llm._model.token_bos()
+        add_bos = self.llm._model.add_bos_token() and bos >= 0
+        self.prompts = PromptBuilder(
+            self.metadata.get("tokenizer.chat_template"),
+            self._tokenize,
+            bos_token=self._piece(bos) if bos >= 0 else "",
+            eos_token=self._piece(self.llm._model.token_eos()),
+            add_bos_id=bos if add_bos else None,
+        )
+        self.closed = False
+
+    # ------------------------------------------------------------------ tokens
+
+    def _tokenize(self, text: str, special: bool) -> list[int]:
+        if not text:
+            return []
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+
+    def _piece(self, token: int, special: bool = True) -> str:
+        return self.llm._model.token_to_piece(token, special=special).rstrip(b"\0").decode("utf-8", "replace")
+
+    def _token_id(self, text: str) -> int | None:
+        """The id of a control token by its exact text, or None."""
+        ids = self._tokenize(text, True)
+        return ids[0] if len(ids) == 1 else None
+
+    def token_type(self, token: int) -> int:
+        """llama.cpp's token attribute flags (LLAMA_TOKEN_ATTR_*)."""
+        return int(self.llm._model.token_get_attr(token))
+
+    def is_eog(self, token: int) -> bool:
+        import llama_cpp
+
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _eval_prompt(self, ids: Sequence[int]) -> int:
+        """Evaluate a prompt, reusing the longest cached prefix. Returns the number of reused tokens."""
+        if len(ids) >= self.n_ctx:
+            raise RtlocalError(f"the prompt is {len(ids)} tokens, longer than the context ({self.n_ctx}); use --ctx")
+        cached = self.llm.input_ids[: self.llm.n_tokens]
+        reuse = 0
+        for a, b in zip(cached, ids):
+            if a != b:
+                break
+            reuse += 1
+        reuse = min(reuse, len(ids) - 1)  # always evaluate the last token: its logits are needed
+        self.llm.n_tokens = reuse
+        self.llm.eval(list(ids[reuse:]))
+        return reuse
+
+    def last_logits(self) -> np.ndarray:
+        """The logits of the last evaluated position (a live view into llama.cpp's buffer)."""
+        import llama_cpp
+
+        ptr = llama_cpp.llama_get_logits_ith(self._ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def scores(self, temperature: float = 1.0) -> tuple[dict[str, float], float]:
+        """p_k per category and p_respond at the current position (full-vocabulary softmax)."""
+        from rtlocal.policy import softmax
+
+        info = self.refusal
+        probs = softmax(self.last_logits(), temperature)
+        per_cat = {c: float(probs[t]) for c, t in zip(info.categories, info.category_ids)}
+        return per_cat, float(probs[info.respond_id]) if info.respond_id is not None else math.nan
+
+    def prompt_ids(self, messages: Sequence[Message]) -> list[int]:
+        return self.prompts.build(messages)
+
+    def decide(self, messages: Sequence[Message], policy: Policy, *, decision_temperature: float = 1.0) -> Decision:
+        """Evaluate the prompt and apply the threshold rule (no generation)."""
+        self._eval_prompt(self.prompt_ids(messages))
+        probs, p_respond = self.scores(decision_temperature)
+        return decide(probs, p_respond, policy)
+
+    # ------------------------------------------------------------------ generation
+
+    def respond(
+        self,
+        messages: Sequence[Message],
+        policy: Policy,
+        *,
+        sampling: SamplingParams | None = None,
+        max_tokens: int = 512,
+        decision_temperature: float = 1.0,
+    ) -> Response:
+        """Decide, append the answer-start token, and return a Response that streams the answer."""
+        sampling = sampling or SamplingParams()
+        t0 = time.perf_counter()
+        ids = self.prompt_ids(messages)
+        stats = Stats(prompt_tokens=len(ids))
+        stats.cached_tokens = self._eval_prompt(ids)
+        t1 = time.perf_counter()
+        stats.prompt_ms = (t1 - t0) * 1000
+        sampler = _SamplerChain(self, sampling)
+        first: int | None = None  # a sampled first text token (bias/free mode without an answer token)
+        info = self.refusal
+        if not info.present:
+            decision = Decision(False, None, {}, math.nan, Mode.FREE)
+            start = None
+        elif policy.mode is Mode.THRESHOLD:
+            probs, p_respond = self.scores(decision_temperature)
+            decision = decide(probs, p_respond, policy)
+            start = info.token_for(decision.category) if decision.refused else info.respond_id
+        else:
+            probs, p_respond = self.scores(decision_temperature)
+            if policy.mode is Mode.BIAS:
+                logits = self.last_logits()  # biased in place: llama.cpp's sampler reads this buffer
+                for c, t in zip(info.categories, info.category_ids):
+                    logits[t] += policy.bias(c)
+            tok = sampler.sample()
+            category = info.category_of(tok)
+            decision = Decision(category is not None, category, probs, p_respond, policy.mode)
+            if tok in info.start_ids:
+                start = tok
+            else:
+                start, first = None, tok
+        stats.decision_ms = (time.perf_counter() - t1) * 1000
+        if start is not None:
+            self.llm.eval([start])
+        response = Response(decision, start, stats)
+        response._chunks = self._stream(sampler, stats, max_tokens, t0, first)
+        return response
+
+    def _stream(self, sampler: "_SamplerChain", stats: Stats, max_tokens: int, t0: float, first: int | None) -> Iterator[str]:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        t_start = time.perf_counter()
+        n = 0
+        stats.stop_reason = "length"
+        try:
+            while n < max_tokens:
+                if self.llm.n_tokens >= self.n_ctx:
+                    stats.stop_reason = "context"
+                    break
+                tok = first if first is not None else sampler.sample()
+                first = None
+                if self.is_eog(tok):
+                    stats.stop_reason = "eos"
+                    break
+                n += 1
+                self.llm.eval([tok])
+                text = decoder.decode(self.llm._model.token_to_piece(tok, special=False).rstrip(b"\0"))
+                if n == 1:
+                    stats.first_token_ms = (time.perf_counter() - t0) * 1000
+                if text:
+                    yield text
+            tail = decoder.decode(b"", final=True)
+            if tail:
+                yield tail
+        except GeneratorExit:
+            stats.stop_reason = "cancelled"
+            raise
+        finally:
+            stats.completion_tokens = n
+            stats.decode_ms = (time.perf_counter() - t_start) * 1000
+            sampler.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.llm.close()
+            self.closed = True
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _SamplerChain:
+    """llama.cpp's native sampler chain: penalties, top-k, top-p, min-p, temperature, dist/greedy."""
+
+    def __init__(self, engine: Engine, p: SamplingParams):
+        import llama_cpp
+
+        self._lib = llama_cpp
+        self._ctx = engine._ctx
+        self.chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        add = lambda s: llama_cpp.llama_sampler_chain_add(self.chain, s)  # noqa: E731
+        if p.repeat_penalty != 1.0:
+            add(llama_cpp.llama_sampler_init_penalties(engine.n_vocab, p.repeat_last_n, p.repeat_penalty, 0.0, 0.0))
+        if p.temperature == 0:
+            add(llama_cpp.llama_sampler_init_greedy())
+            return
+        if p.top_k > 0:
+            add(llama_cpp.llama_sampler_init_top_k(p.top_k))
+        if p.top_p < 1.0:
+            add(llama_cpp.llama_sampler_init_top_p(p.top_p, 1))
+        if p.min_p > 0:
+            add(llama_cpp.llama_sampler_init_min_p(p.min_p, 1))
+        add(llama_cpp.llama_sampler_init_temp(p.temperature))
+        seed = p.seed if p.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED
+        add(llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+
+    def sample(self) -> int:
+        return int(self._lib.llama_sampler_sample(self.chain, self._ctx, -1))
+
+    def close(self) -> None:
+        if self.chain is not None:
+            self._lib.llama_sampler_free(self.chain)
+            self.chain = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+

@@ -1,0 +1,25 @@
+"""The one error type users see. The CLI prints it as a single `Error: ...` line and exits 1."""
+
+from __future__ import annotations
+
+
+class RtlocalError(Exception):
+    """A problem the user can fix: bad input, a missing file, an unsupported model."""
+
+
+class MissingExtraError(RtlocalError):
+    """A command needs the optional `train` extra (torch, transformers, peft)."""
+
+    def __init__(self, what: str, module: str):
+        super().__init__(
+            f"{what} needs the 'train' extra ({module} is not installed): pip install 'rtlocal[train]'"
+        )
+
+
+def require_train_extra(what: str) -> None:
+    """Fail with one clear line when torch/transformers/peft are missing."""
+    import importlib.util
+
+    for module in ("torch", "transformers", "peft"):
+        if importlib.util.find_spec(module) is None:
+            raise MissingExtraError(what, module)

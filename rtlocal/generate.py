@@ -1,0 +1,140 @@
+"""`rtlocal generate`: prompts in (arguments, stdin or JSONL), answers out (text, JSON or JSONL)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from rtlocal.constants import alias_of
+from rtlocal.engine import Engine, Response, SamplingParams
+from rtlocal.errors import RtlocalError
+from rtlocal.policy import Policy
+from rtlocal.prompts import Message, messages_from_dicts
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Item:
+    """One prompt to answer: an id (from the JSONL or its line number) and its messages."""
+
+    id: Any
+    messages: list[Message]
+    line: int | None = None
+
+
+def read_jsonl(path: Path | str, *, system: str | None = None, skip_bad: bool = False, warn: IO | None = None) -> Iterator[Item]:
+    """Items from JSONL: {"prompt": str} or {"messages": [...]}, optional "id"; bad lines report file:line."""
+    stream = sys.stdin if str(path) == "-" else None
+    try:
+        f = stream or open(path, encoding="utf-8")
+    except OSError as e:
+        raise RtlocalError(f"{path}: {e.strerror}") from e
+    with f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield _item(json.loads(line), n, system, f"{path}:{n}")
+            except (json.JSONDecodeError, RtlocalError) as e:
+                msg = f"{path}:{n}: {e.msg if isinstance(e, json.JSONDecodeError) else e}"
+                if not skip_bad:
+                    raise RtlocalError(msg + " (use --skip-bad to skip such lines)") from None
+                if warn is not None:
+                    print(f"warning: skipped {msg}", file=warn)
+
+
+def _item(obj: Any, n: int, system: str | None, where: str) -> Item:
+    if not isinstance(obj, dict):
+        raise RtlocalError("expected a JSON object")
+    if isinstance(obj.get("prompt"), str):
+        msgs = [Message("user", obj["prompt"])]
+    elif isinstance(obj.get("messages"), list):
+        msgs = messages_from_dicts(obj["messages"], "messages")
+    else:
+        raise RtlocalError('expected a "prompt" string or a "messages" list')
+    if system and msgs[0].role != "system":
+        msgs.insert(0, Message("system", system))
+    return Item(obj.get("id", n), msgs, n)
+
+
+def single_item(prompt: str, system: str | None) -> Item:
+    msgs = [Message("user", prompt)]
+    if system:
+        msgs.insert(0, Message("system", system))
+    return Item(None, msgs)
+
+
+def result_record(item: Item, response: Response, policy: Policy) -> dict[str, Any]:
+    """The pinned JSON schema of one answer (see README, 'JSON output')."""
+    d, s = response.decision, response.stats
+    return {
+        "id": item.id,
+        "text": response.text,
+        "decision": d.label,
+        "category": d.category,
+        "category_alias": alias_of(d.category) if d.category else None,
+        "probabilities": {c: round(p, 6) for c, p in d.probs.items()},
+        "p_respond": None if d.p_respond != d.p_respond else round(d.p_respond, 6),
+        "mode": d.mode.value,
+        "thresholds": {c: t for c, t in policy.thresholds.items()},
+        "prompt_tokens": s.prompt_tokens,
+        "completion_tokens": s.completion_tokens,
+        "stop_reason": s.stop_reason,
+        "timings": {
+            "prompt_ms": round(s.prompt_ms, 2),
+            "decision_ms": round(s.decision_ms, 3),
+            "first_token_ms": round(s.first_token_ms, 2),
+            "decode_ms": round(s.decode_ms, 2),
+            "tokens_per_second": round(s.tokens_per_second, 2),
+        },
+    }
+
+
+def run(
+    engine: Engine,
+    items: Iterator[Item],
+    policy: Policy,
+    *,
+    sampling: SamplingParams,
+    max_tokens: int,
+    fmt: str,
+    out: IO,
+    err: IO,
+    decision_temperature: float = 1.0,
+    show_decision: bool = False,
+) -> tuple[int, int]:
+    """Answer every item; stream text (fmt 'text') or write JSON/JSONL. Returns (answered, refused)."""
+    answered = refused = 0
+    records = []
+    for item in items:
+        response = engine.respond(
+            item.messages, policy, sampling=sampling, max_tokens=max_tokens, decision_temperature=decision_temperature
+        )
+        d = response.decision
+        if fmt == "text":
+            if show_decision and d.refused:
+                print(f"[refused: {alias_of(d.category)} p={d.probs[d.category]:.2f}]", file=err, flush=True)
+            for chunk in response:
+                out.write(chunk)
+                out.flush()
+            out.write("\n")
+            out.flush()
+        else:
+            response.finish()
+            rec = result_record(item, response, policy)
+            if fmt == "jsonl":
+                out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                out.flush()
+            else:
+                records.append(rec)
+        answered += 1
+        refused += int(d.refused)
+    if fmt == "json":
+        doc = records[0] if len(records) == 1 and records[0]["id"] is None else records
+        out.write(json.dumps(doc, ensure_ascii=False, indent=2) + "\n")
+    return answered, refused

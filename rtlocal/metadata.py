@@ -1,0 +1,99 @@
+"""Read the refusal-token contract back from a GGUF's metadata (or find the tokens in its vocab)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from rtlocal.constants import COCONOT_CATEGORIES, DEFAULT_THRESHOLD, RESPOND_TOKEN, SINGLE_CATEGORY, Keys, TokenMode, token_for
+from rtlocal.errors import RtlocalError
+
+
+@dataclass
+class RefusalInfo:
+    """Which tokens open an answer in this model, and what they mean."""
+
+    present: bool = False
+    source: str = "none"  # "metadata", "vocab" or "none"
+    mode: str = ""
+    respond_token: str = RESPOND_TOKEN
+    respond_id: int | None = None
+    categories: list[str] = field(default_factory=list)
+    category_tokens: list[str] = field(default_factory=list)
+    category_ids: list[int] = field(default_factory=list)
+    thresholds: dict[str, float] = field(default_factory=dict)
+    calibration: dict | None = None
+
+    @property
+    def start_ids(self) -> set[int]:
+        ids = set(self.category_ids)
+        if self.respond_id is not None:
+            ids.add(self.respond_id)
+        return ids
+
+    def token_for(self, category: str | None) -> int:
+        return self.category_ids[self.categories.index(category)]
+
+    def category_of(self, token: int) -> str | None:
+        try:
+            return self.categories[self.category_ids.index(token)]
+        except ValueError:
+            return None
+
+
+def _json(metadata: Mapping[str, Any], key: str) -> Any:
+    value = metadata[key]
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise RtlocalError(f"malformed GGUF metadata {key}: {e}") from e
+
+
+def read_refusal_info(metadata: Mapping[str, Any], token_id: Callable[[str], int | None]) -> RefusalInfo:
+    """From rtlocal.* keys when present; else by looking the paper's token strings up in the vocab."""
+    if Keys.CATEGORIES in metadata:
+        entries = _json(metadata, Keys.CATEGORIES)
+        try:
+            cats = [str(e["name"]) for e in entries]
+            toks = [str(e.get("token") or token_for(e["name"])) for e in entries]
+            ids = [int(e["id"]) for e in entries]
+            ths = [float(e.get("threshold", DEFAULT_THRESHOLD)) for e in entries]
+        except (TypeError, KeyError, ValueError) as e:
+            raise RtlocalError(f"malformed GGUF metadata {Keys.CATEGORIES}: {e!r}") from e
+        respond = str(metadata.get(Keys.RESPOND_TOKEN, RESPOND_TOKEN))
+        rid = metadata.get(Keys.RESPOND_TOKEN_ID)
+        return RefusalInfo(
+            present=True,
+            source="metadata",
+            mode=str(metadata.get(Keys.MODE, TokenMode.CATEGORICAL.value)),
+            respond_token=respond,
+            respond_id=int(rid) if rid is not None else token_id(respond),
+            categories=cats,
+            category_tokens=toks,
+            category_ids=ids,
+            thresholds=dict(zip(cats, ths)),
+            calibration=_json(metadata, Keys.CALIBRATION) if Keys.CALIBRATION in metadata else None,
+        )
+    respond_id = token_id(RESPOND_TOKEN)
+    if respond_id is None:
+        return RefusalInfo()
+    found = [(c, token_for(c), token_id(token_for(c))) for c in [*COCONOT_CATEGORIES, SINGLE_CATEGORY]]
+    found = [(c, t, i) for c, t, i in found if i is not None]
+    if not found:
+        return RefusalInfo()
+    cats = [c for c, _, _ in found]
+    mode = TokenMode.SINGLE if cats == [SINGLE_CATEGORY] else TokenMode.CATEGORICAL if len(cats) == 5 else TokenMode.CUSTOM
+    return RefusalInfo(
+        present=True,
+        source="vocab",
+        mode=mode.value,
+        respond_id=respond_id,
+        categories=cats,
+        category_tokens=[t for _, t, _ in found],
+        category_ids=[i for _, _, i in found],
+        thresholds={c: DEFAULT_THRESHOLD for c in cats},
+    )
