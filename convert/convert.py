@@ -88,13 +88,17 @@ def quantize(src: Path, dst: Path, out_type: str, threads: int | None = None) ->
     """llama.cpp's own quantizer (llama_model_quantize), metadata copied from src."""
     import llama_cpp
 
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp logs each tensor otherwise
     ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{out_type.upper()}", None)
     if ftype is None:
         raise RtlocalError(f"llama.cpp in this install has no quant type {out_type}")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = threads or os.cpu_count() or 1
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    with suppress_stdout_stderr(disable=log.isEnabledFor(logging.DEBUG)):  # per-tensor fallback warnings
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0:
         raise RtlocalError(f"llama.cpp failed to quantize to {out_type} (code {rc})")
 
@@ -169,6 +173,8 @@ def convert(
         os.replace(tmp, out)
         result.path = out
         return result
+    except OSError as e:
+        raise RtlocalError(f"cannot write {out}: {e.strerror or e}") from e
     finally:
         tmp.unlink(missing_ok=True)
         stage.unlink(missing_ok=True)

@@ -139,6 +139,15 @@ def gguf_tensors(
         yield f"blk.{layer}.{_LAYER_TENSORS[rest]}", arr
 
 
+def _rope(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Rope settings: transformers 5 keeps them in `rope_parameters`, 4.x in rope_theta/rope_scaling."""
+    rope = dict(config.get("rope_scaling") or {})
+    rope.update(config.get("rope_parameters") or {})
+    if "rope_theta" not in rope and "rope_theta" in config:
+        rope["rope_theta"] = config["rope_theta"]
+    return rope
+
+
 def _add_hparams(w: Any, config: Mapping[str, Any], arch: str, n_vocab: int, name: str) -> None:
     n_embd = int(config["hidden_size"])
     n_head = int(config["num_attention_heads"])
@@ -151,15 +160,15 @@ def _add_hparams(w: Any, config: Mapping[str, Any], arch: str, n_vocab: int, nam
     w.add_head_count(n_head)
     w.add_head_count_kv(int(config.get("num_key_value_heads") or n_head))
     w.add_rope_dimension_count(head_dim)
-    w.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
+    rope = _rope(config)
+    w.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
     w.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
     w.add_vocab_size(n_vocab)
     if head_dim != n_embd // n_head:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
-    scaling = config.get("rope_scaling")
-    if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
-        raise RtlocalError(f"rope scaling {scaling!r} is not supported by rtlocal convert yet")
+    if rope.get("rope_type", rope.get("type")) not in (None, "default"):
+        raise RtlocalError(f"rope scaling {rope!r} is not supported by rtlocal convert yet")
 
 
 def _add_vocab(w: Any, vocab: Vocab) -> None:

@@ -45,6 +45,7 @@ def dequantised_base_dir(gguf_path: Path, *, progress: bool = False) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_transformers()
     log.info("dequantising %s (once; cached in %s)", gguf_path.name, target)
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
@@ -54,11 +55,28 @@ def dequantised_base_dir(gguf_path: Path, *, progress: bool = False) -> Path:
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    _save_plain(model, tmp)
     tok.save_pretrained(tmp)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target
+
+
+def _save_plain(model: Any, out: Path) -> None:
+    """Save a GGUF-loaded model as a plain safetensors HF dir (transformers refuses save_pretrained on it)."""
+    from safetensors.torch import save_file
+
+    config = model.config
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    state = model.state_dict()
+    if getattr(config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(out)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out)
 
 
 def resolve_base(spec: str) -> Base:
@@ -90,11 +108,31 @@ def read_manifest(adapter_dir: Path | None) -> dict[str, Any]:
         raise RtlocalError(f"{m}: invalid JSON ({e})") from e
 
 
+def quiet_transformers() -> None:
+    """No progress bars or advisory warnings from transformers: rtlocal reports progress itself."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def check_architecture(base: Base, adapter: Path | None) -> None:
+    """Fail before loading weights when the architecture is not one convert can write."""
+    from convert.gguf_export import gguf_arch
+
+    src = Path(adapter) if adapter is not None and (Path(adapter) / "config.json").exists() else Path(base.hf_dir)
+    if (src / "config.json").exists():
+        gguf_arch(json.loads((src / "config.json").read_text()))
+
+
 def load_merged(base: Base, adapter: Path | None, *, dtype: str = "float32") -> tuple[Any, Any]:
     """(model, tokenizer): the base with the adapter merged in, embeddings resized to the tokenizer."""
     require_train_extra("rtlocal convert")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
+    check_architecture(base, adapter)
 
     torch_dtype = getattr(torch, dtype)
     if adapter is not None and (adapter / "config.json").exists() and not (adapter / "adapter_config.json").exists():

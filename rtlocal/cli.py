@@ -307,12 +307,11 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Abort:
         print("interrupted", file=sys.stderr)
         return int(ExitCode.INTERRUPTED)
-    except Exception as e:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            return int(e.exit_code)
+    except Exception as e:  # Click's usage errors arrive here in non-standalone mode
+        show, code = getattr(e, "show", None), getattr(e, "exit_code", None)
+        if callable(show) and isinstance(code, int):  # a ClickException (Typer bundles its own Click)
+            show()
+            return code
         if _DEBUG:
             raise
         print(f"Error: {type(e).__name__}: {e} (run with --debug for a traceback)", file=sys.stderr)

@@ -8,6 +8,7 @@ the same KV cache and decoding continues with llama.cpp's native sampler chain.
 from __future__ import annotations
 
 import codecs
+import ctypes
 import logging
 import math
 import os
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from rtlocal.errors import RtlocalError
-from rtlocal.metadata import RefusalInfo, read_refusal_info
+from rtlocal.metadata import RefusalInfo, read_refusal_info, scan_header
 from rtlocal.policy import Decision, Mode, Policy, decide
 from rtlocal.prompts import Message, PromptBuilder
 
@@ -107,10 +108,11 @@ class Engine:
         path = Path(model_path).expanduser()
         if not path.is_file():
             raise RtlocalError(f"{model_path}: no such model file")
-        with open(path, "rb") as f:
-            if f.read(4) != b"GGUF":
-                raise RtlocalError(f"{model_path}: not a GGUF file")
         self.path = path
+        arch = scan_header(path, {"general.architecture"}).get("general.architecture", "")
+        n_ctx_train = scan_header(path, {f"{arch}.context_length"}).get(f"{arch}.context_length")
+        if n_ctx_train:
+            n_ctx = min(n_ctx, int(n_ctx_train))  # beyond what the model was trained on, output degrades
         try:
             self.llm = Llama(
                 str(path),
@@ -124,6 +126,7 @@ class Engine:
         except (ValueError, RuntimeError) as e:
             raise RtlocalError(f"llama.cpp cannot load {model_path}: {e}") from e
         self.metadata: dict[str, str] = dict(self.llm.metadata)
+        self._pieces: dict[tuple[int, bool], bytes] = {}
         self._ctx = self.llm._ctx.ctx
         self._vocab = self.llm._model.vocab
         self.n_vocab = self.llm.n_vocab()
@@ -148,7 +151,22 @@ class Engine:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
 
     def _piece(self, token: int, special: bool = True) -> str:
-        return self.llm._model.token_to_piece(token, special=special).rstrip(b"\0").decode("utf-8", "replace")
+        return self.piece_bytes(token, special).decode("utf-8", "replace")
+
+    def piece_bytes(self, token: int, special: bool = False) -> bytes:
+        """The bytes of one token (control tokens are empty unless special), cached per token."""
+        key = (token, special)
+        piece = self._pieces.get(key)
+        if piece is None:
+            import llama_cpp
+
+            buf = ctypes.create_string_buffer(64)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+            if n < 0:  # a longer piece: llama.cpp says how many bytes it needs
+                buf = ctypes.create_string_buffer(-n)
+                n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+            piece = self._pieces[key] = buf.raw[: max(n, 0)]
+        return piece
 
     def _token_id(self, text: str) -> int | None:
         """The id of a control token by its exact text, or None."""
@@ -271,12 +289,13 @@ class Engine:
                     stats.stop_reason = "eos"
                     break
                 n += 1
-                self.llm.eval([tok])
-                text = decoder.decode(self.llm._model.token_to_piece(tok, special=False).rstrip(b"\0"))
+                text = decoder.decode(self.piece_bytes(tok))
                 if n == 1:
                     stats.first_token_ms = (time.perf_counter() - t0) * 1000
                 if text:
                     yield text
+                if n < max_tokens:  # the last token needs no evaluation: nothing samples after it
+                    self.llm.eval([tok])
             tail = decoder.decode(b"", final=True)
             if tail:
                 yield tail

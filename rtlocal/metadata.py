@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from rtlocal.constants import COCONOT_CATEGORIES, DEFAULT_THRESHOLD, RESPOND_TOKEN, SINGLE_CATEGORY, Keys, TokenMode, token_for
@@ -97,3 +98,61 @@ def read_refusal_info(metadata: Mapping[str, Any], token_id: Callable[[str], int
         category_ids=[i for _, _, i in found],
         thresholds={c: DEFAULT_THRESHOLD for c in cats},
     )
+
+
+# GGUF value types (gguf-py's GGUFValueType) -> struct format of fixed-size scalars.
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+def scan_header(path: str | Path, wanted: set[str]) -> dict[str, Any]:
+    """Scalar/string metadata values for `wanted` keys, read from the GGUF header without loading it.
+
+    Arrays (the vocabulary) are skipped, not parsed: a few milliseconds instead of gguf-py's seconds.
+    """
+    import struct
+
+    out: dict[str, Any] = {}
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise RtlocalError(f"{path}: not a GGUF file")
+
+        def read(fmt: str):
+            size = struct.calcsize(fmt)
+            data = f.read(size)
+            if len(data) != size:
+                raise RtlocalError(f"{path}: truncated GGUF header")
+            return struct.unpack(fmt, data)[0]
+
+        def string() -> bytes:
+            return f.read(read("<Q"))
+
+        def skip(vtype: int) -> None:
+            if vtype == _STRING:
+                f.seek(read("<Q"), 1)
+            elif vtype == _ARRAY:
+                itype, n = read("<I"), read("<Q")
+                if itype in _SCALARS:
+                    f.seek(n * struct.calcsize(_SCALARS[itype]), 1)
+                else:
+                    for _ in range(n):
+                        skip(itype)
+            elif vtype in _SCALARS:
+                f.seek(struct.calcsize(_SCALARS[vtype]), 1)
+            else:
+                raise RtlocalError(f"{path}: unknown GGUF value type {vtype}")
+
+        read("<I")  # version
+        read("<Q")  # tensor count
+        for _ in range(read("<Q")):
+            key = string().decode("utf-8", "replace")
+            vtype = read("<I")
+            if key in wanted and vtype == _STRING:
+                out[key] = string().decode("utf-8", "replace")
+            elif key in wanted and vtype in _SCALARS:
+                out[key] = read(_SCALARS[vtype])
+            else:
+                skip(vtype)
+            if len(out) == len(wanted):
+                break
+    return out

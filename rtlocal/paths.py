@@ -21,6 +21,9 @@ def models_dir() -> Path:
 
 
 def cache_dir() -> Path:
+    """Dequantised bases and other rebuildable files; `RTLOCAL_CACHE`, else under RTLOCAL_HOME."""
+    if os.environ.get("RTLOCAL_CACHE"):
+        return Path(os.environ["RTLOCAL_CACHE"])
     home = os.environ.get("RTLOCAL_HOME")
     return Path(home) / "cache" if home else Path(platformdirs.user_cache_dir(APP))
 

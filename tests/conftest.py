@@ -4,6 +4,7 @@ refusal-mode tokens, and their GGUF conversions. All built here, in seconds, off
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+# Set before any fixture runs (session fixtures included): nothing touches the real user dirs, and a
+# dequantised GGUF base is cached once for the whole session.
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="rtlocal-tests-"))
+os.environ["RTLOCAL_HOME"] = str(_SESSION_DIR / "home")
+os.environ["RTLOCAL_CACHE"] = str(_SESSION_DIR / "cache")
+os.environ.pop("RTLOCAL_MODEL", None)
+
+
 @pytest.fixture(autouse=True)
 def rtlocal_home(tmp_path_factory, monkeypatch) -> Path:
-    """Every test gets its own user dir (models, cache, config) and no RTLOCAL_MODEL."""
+    """Every test gets its own user dir (models, config) and no RTLOCAL_MODEL."""
     home = tmp_path_factory.mktemp("home")
     monkeypatch.setenv("RTLOCAL_HOME", str(home))
     monkeypatch.delenv("RTLOCAL_MODEL", raising=False)

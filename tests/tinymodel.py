@@ -77,7 +77,7 @@ def build_base(out_dir: Path, *, seed: int = 0, layers: int = 2, hidden: int = 6
         max_position_embeddings=512,
         rms_norm_eps=1e-5,
         tie_word_embeddings=True,
-        initializer_range=0.2,  # wide logits: top-1 is well separated, so comparisons are meaningful
+        initializer_range=0.1,  # logits spread enough that top-1 comparisons between f16 and f32 are not ties
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
