@@ -198,9 +198,10 @@ def chat(
         if plain or not (sys.stdin.isatty() and sys.stdout.isatty()):
             run_repl(session, sys.stdin, sys.stdout)
         else:
+            from rtlocal.models import load_settings
             from rtlocal.tui.app import run_tui
 
-            run_tui(session)
+            run_tui(session, keymap=load_settings().keymap)
     finally:
         engine.close()
 

@@ -89,6 +89,12 @@ class Response:
             pass
         return self.text
 
+    def close(self) -> None:
+        """Stop generating (from the thread that iterates); the text so far stays in `text`."""
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            close()
+
 
 class Engine:
     """A loaded GGUF model with its refusal-token contract."""
@@ -109,6 +115,7 @@ class Engine:
         if not path.is_file():
             raise RtlocalError(f"{model_path}: no such model file")
         self.path = path
+        self.n_gpu_layers = n_gpu_layers
         arch = scan_header(path, {"general.architecture"}).get("general.architecture", "")
         n_ctx_train = scan_header(path, {f"{arch}.context_length"}).get(f"{arch}.context_length")
         if n_ctx_train:
@@ -244,6 +251,7 @@ class Engine:
         t1 = time.perf_counter()
         stats.prompt_ms = (t1 - t0) * 1000
         sampler = _SamplerChain(self, sampling)
+        banned = _SamplerChain.ban(self, self.refusal.start_ids) if self.refusal.present else None
         first: int | None = None  # a sampled first text token (bias/free mode without an answer token)
         info = self.refusal
         if not info.present:
@@ -269,6 +277,8 @@ class Engine:
         stats.decision_ms = (time.perf_counter() - t1) * 1000
         if start is not None:
             self.llm.eval([start])
+        if banned is not None:  # answer-start tokens are valid only at the first position
+            sampler.prepend(banned)
         response = Response(decision, start, stats)
         response._chunks = self._stream(sampler, stats, max_tokens, t0, first)
         return response
@@ -343,6 +353,26 @@ class _SamplerChain:
         add(llama_cpp.llama_sampler_init_temp(p.temperature))
         seed = p.seed if p.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED
         add(llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+
+    @staticmethod
+    def ban(engine: Engine, tokens: set[int]):
+        """A logit-bias sampler that removes `tokens` (llama.cpp's own logit_bias sampler)."""
+        import llama_cpp
+
+        arr = (llama_cpp.llama_logit_bias * len(tokens))()
+        for i, t in enumerate(sorted(tokens)):
+            arr[i].token = t
+            arr[i].bias = -math.inf
+        return llama_cpp.llama_sampler_init_logit_bias(engine.n_vocab, len(tokens), arr)
+
+    def prepend(self, sampler) -> None:
+        """Put `sampler` first in the chain (it must act before top-k and friends)."""
+        lib = self._lib
+        n = lib.llama_sampler_chain_n(self.chain)
+        rest = [lib.llama_sampler_chain_remove(self.chain, 0) for _ in range(n)]
+        lib.llama_sampler_chain_add(self.chain, sampler)
+        for s in rest:
+            lib.llama_sampler_chain_add(self.chain, s)
 
     def sample(self) -> int:
         return int(self._lib.llama_sampler_sample(self.chain, self._ctx, -1))

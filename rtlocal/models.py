@@ -25,6 +25,7 @@ class Settings:
     n_gpu_layers: int | None = None
     strictness: str | None = None
     threshold: str | None = None
+    keymap: dict[str, str] | None = None  # TUI key rebinding by binding id, e.g. {"chat.regenerate": "f5"}
 
 
 def load_settings(path: Path | None = None) -> Settings:

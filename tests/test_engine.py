@@ -131,6 +131,16 @@ def test_control_tokens_never_appear_as_text(engine):
     assert not any(t in text for t in ("[respond]", "[Requests", "<|im_end|>", "<|im_start|>"))
 
 
+def test_answer_start_tokens_are_banned_after_the_first_position(engine):
+    pol = build_policy(engine.refusal.categories, thresholds="all=1")
+    for p in PROMPTS:
+        r = engine.respond(msgs(p), pol, sampling=GREEDY, max_tokens=8)
+        r.finish()
+        generated = engine.llm.input_ids[r.stats.prompt_tokens + 1 : engine.llm.n_tokens]
+        assert r.stats.completion_tokens > 0
+        assert not set(int(t) for t in generated) & engine.refusal.start_ids
+
+
 def test_multi_turn_keeps_history_and_decides_afresh(engine):
     cats = engine.refusal.categories
     first = engine.respond(msgs("Hi there"), build_policy(cats, thresholds="all=0"), sampling=GREEDY, max_tokens=5)
