@@ -1,0 +1,1 @@
+"""The full-screen chat (`rtlocal chat` on a terminal): app.py, screens/ and widgets/."""
