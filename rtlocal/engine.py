@@ -134,6 +134,9 @@ class Engine:
             raise RtlocalError(f"llama.cpp cannot load {model_path}: {e}") from e
         self.metadata: dict[str, str] = dict(self.llm.metadata)
         self._pieces: dict[tuple[int, bool], bytes] = {}
+        import llama_cpp
+
+        self._one = (llama_cpp.llama_token * 1)()
         self._ctx = self.llm._ctx.ctx
         self._vocab = self.llm._model.vocab
         self.n_vocab = self.llm.n_vocab()
@@ -206,6 +209,17 @@ class Engine:
         self.llm.eval(list(ids[reuse:]))
         return reuse
 
+    def _decode_one(self, token: int) -> None:
+        """Append one token to the KV cache: the hot path of generation, with no Python batch set-up."""
+        import llama_cpp
+
+        self._one[0] = token
+        rc = llama_cpp.llama_decode(self._ctx, llama_cpp.llama_batch_get_one(self._one, 1))
+        if rc != 0:
+            raise RtlocalError(f"llama.cpp failed to decode (code {rc}): context full?")
+        self.llm.input_ids[self.llm.n_tokens] = token
+        self.llm.n_tokens += 1
+
     def last_logits(self) -> np.ndarray:
         """The logits of the last evaluated position (a live view into llama.cpp's buffer)."""
         import llama_cpp
@@ -276,7 +290,7 @@ class Engine:
                 start, first = None, tok
         stats.decision_ms = (time.perf_counter() - t1) * 1000
         if start is not None:
-            self.llm.eval([start])
+            self._decode_one(start)
         if banned is not None:  # answer-start tokens are valid only at the first position
             sampler.prepend(banned)
         response = Response(decision, start, stats)
@@ -305,7 +319,7 @@ class Engine:
                 if text:
                     yield text
                 if n < max_tokens:  # the last token needs no evaluation: nothing samples after it
-                    self.llm.eval([tok])
+                    self._decode_one(tok)
             tail = decoder.decode(b"", final=True)
             if tail:
                 yield tail

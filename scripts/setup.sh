@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Create .venv and install rtlocal with everything the tests and the default model build need.
+# Idempotent: does nothing when pyproject.toml has not changed since the last install.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+VENV=.venv
+STAMP=$VENV/.rtlocal-installed
+WANT=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
+  exit 0
+fi
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "setup: creating $VENV" >&2
+  "$PY" -m venv "$VENV"
+fi
+PIP="$VENV/bin/python -m pip"
+$PIP install -q --upgrade pip
+# torch first, pinned: a CPU build (it lies on disk on this project's machines). An unpinned torch
+# would pull a multi-GB CUDA build. Elsewhere choose your own, e.g.
+#   TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu" make test
+echo "setup: installing torch (${TORCH_SPEC:-torch==2.13.0})" >&2
+$PIP install -q ${TORCH_SPEC:-torch==2.13.0}
+# llama-cpp-python compiles llama.cpp from source on first install (~13 min on 2 cores; pip caches the
+# wheel afterwards). For Metal/CUDA set CMAKE_ARGS, e.g. CMAKE_ARGS="-DGGML_CUDA=on".
+echo "setup: installing rtlocal[train,plots,dev] (the first install compiles llama.cpp: ~13 min)" >&2
+CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)} \
+  $PIP install -q -e ".[train,plots,dev]"
+echo "$WANT" > "$STAMP"
+echo "setup: done" >&2
