@@ -87,6 +87,20 @@ def test_rtlocal_metadata(converted):
     assert q["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0
 
 
+def test_qwen2_architecture(tmp_path, refusal_tokens):
+    """Qwen2: q/k/v biases, no q/k permutation, an untied lm_head, plus the six tokens."""
+    from tests.tinymodel import build_qwen2_base, build_random_adapter
+
+    build_qwen2_base(tmp_path / "qwen2")
+    adapter = build_random_adapter(tmp_path / "qwen2", tmp_path / "qwen2-adapter", refusal_tokens)
+    r = convert(str(tmp_path / "qwen2"), tmp_path / "qwen2.gguf", adapter=adapter, out_type="f32", verify=True)
+    assert r.arch == "qwen2" and r.n_vocab == 390
+    assert r.verify.top1_agreement == 1.0 and r.verify.max_abs_dlogit < 1e-3
+    tokens, types, fields = _token_types(r.path)
+    assert fields["general.architecture"] == "qwen2"
+    assert all(types[tokens.index(t)] == TokenType.CONTROL for t in refusal_tokens)
+
+
 def test_plain_base_has_no_refusal_metadata(tiny_plain_gguf):
     tokens, _, fields = _token_types(tiny_plain_gguf)
     assert len(tokens) == 384 and not any(k.startswith("rtlocal.") for k in fields)

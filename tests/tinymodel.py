@@ -116,3 +116,31 @@ def build_random_adapter(base_dir: Path, out_dir: Path, tokens: list[str], *, se
     peft_model.save_pretrained(out_dir, save_embedding_layers=False)  # the new rows live in the trainable-token deltas
     tok.save_pretrained(out_dir)
     return out_dir
+
+
+def build_qwen2_base(out_dir: Path, *, seed: int = 0, hidden: int = 64):
+    """A tiny random Qwen2 (q/k/v biases, untied lm_head) with the same trained tokenizer."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer(out_dir)
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        initializer_range=0.1,
+    )
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.1)  # non-zero biases: a missing bias tensor would show in the logits
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return model, tok
