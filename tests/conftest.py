@@ -87,3 +87,10 @@ def smollm2_gguf() -> Path:
     path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert path.exists(), path
     return path
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove the session's user dir and cache (a dequantised base is ~0.5 GB)."""
+    import shutil
+
+    shutil.rmtree(_SESSION_DIR, ignore_errors=True)
