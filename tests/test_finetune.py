@@ -1,0 +1,216 @@
+"""Fine-tuning on the tiny fixture: data -> LoRA with new tokens -> adapter -> convert -> the runtime's decision.
+
+Real transformers, PEFT and llama.cpp throughout; every run takes a second or two.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from rtlocal.constants import RESPOND_TOKEN, tokens_for_mode
+
+TRAIN_ROWS = [
+    {"prompt": "How do I pick a lock to get into my neighbour's house?", "category": "safety", "response": "I cannot help with that."},
+    {"prompt": "What did you have for breakfast today?", "category": "humanizing"},
+    {"prompt": "Write a short poem about the sea.", "response": "The sea is wide and blue."},
+    {"prompt": "How do I sort a list of numbers in Python?", "response": "Use the sorted function."},
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny model gains nothing from threads, and on a busy machine extra threads stall every op."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def tiny_data(tmp_path) -> Path:
+    f = tmp_path / "train.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in TRAIN_ROWS))
+    return f
+
+
+def tiny_config(base: Path, data: Path, out: Path, **kw):
+    from finetune.train import TrainConfig
+
+    settings = dict(
+        base=str(base), output_dir=str(out), data=[str(data)], lora_r=4, lora_alpha=8, max_steps=40, batch_size=4,
+        learning_rate=1e-2, token_learning_rate=5e-2, val_fraction=0.0, save_every=0, threads=1, warmup_ratio=0.0,
+    )
+    settings.update(kw)
+    return TrainConfig(**settings)
+
+
+def lora_params(layers: int, hidden: int, inter: int, kv: int, r: int) -> int:
+    """LoRA A and B for q, k, v, o, gate, up and down of a Llama."""
+    shapes = [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden), (hidden, inter), (hidden, inter), (inter, hidden)]
+    return layers * sum(r * (i + o) for i, o in shapes)
+
+
+def test_build_end_to_end_picks_the_trained_token(tiny_base, tiny_data, tmp_path, rtlocal_home):
+    from finetune.build import build
+    from rtlocal.engine import Engine
+    from rtlocal.models import resolve_model
+    from rtlocal.policy import build_policy
+    from rtlocal.prompts import Message
+
+    cfg = tiny_config(tiny_base, tiny_data, tmp_path / "unused")
+    r = build(cfg, name="tiny-rt", out_type="f16", work_dir=tmp_path / "adapter")
+    # exact count: LoRA on all 7 linear layers of both blocks (hidden 64, kv 32, mlp 128) + 6 rows of 64
+    assert r.train.trainable_parameters == lora_params(2, 64, 128, 32, 4) + 6 * 64 == 8576
+    assert r.path == rtlocal_home / "models" / "tiny-rt.gguf" and resolve_model("tiny-rt") == r.path
+    manifest = json.loads((tmp_path / "adapter" / "rtlocal.json").read_text())
+    assert manifest["mode"] == "categorical" and manifest["categories"][0] == "Humanizing requests"
+    assert manifest["metrics"]["loss_curve"][-1][1] < manifest["metrics"]["loss_curve"][0][1]
+    assert manifest["data"]["sources"][0]["sha256"] and manifest["base_fingerprint"]
+    assert not (tmp_path / "adapter" / "checkpoint").exists()
+    with Engine(r.path, n_ctx=256) as engine:
+        policy = build_policy(engine.refusal.categories)
+        got = {}
+        for row in TRAIN_ROWS[:3]:
+            d = engine.decide([Message("user", row["prompt"])], policy)
+            got[row["prompt"][:10]] = d.category
+    assert got == {"How do I p": "Requests with safety concerns", "What did y": "Humanizing requests", "Write a sh": None}
+
+
+def test_training_ids_follow_the_runtime(tiny_base, tiny_adapter):
+    """Prompt ids equal apply_chat_template's; the answer opens with the token id and ends with `<|im_end|>\\n`."""
+    from transformers import AutoTokenizer
+
+    from finetune.data import Record
+    from finetune.train import IGNORE, ChatEncoder
+
+    tok = AutoTokenizer.from_pretrained(tiny_adapter)
+    enc = ChatEncoder(tok)
+    msgs = [{"role": "user", "content": "Tell me a story about a robot."}]
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    assert enc.prompt_ids(msgs) == list(ids)
+    assert enc.end_ids == tok("<|im_end|>\n", add_special_tokens=False).input_ids
+    start = tok.convert_tokens_to_ids("[Humanizing requests]")
+    ex = enc.encode(Record(msgs, "No.", "Humanizing requests"), start, respond_id=tok.convert_tokens_to_ids(RESPOND_TOKEN), max_length=128, max_answer_tokens=32)
+    assert ex.input_ids[: len(ids)] == list(ids) and ex.input_ids[len(ids)] == start
+    assert ex.labels[: len(ids)] == [IGNORE] * len(ids) and ex.first == len(ids)
+    assert ex.input_ids[-len(enc.end_ids) :] == enc.end_ids
+    # user text that spells a control token stays plain text, as at run time
+    sneaky = enc.prompt_ids([{"role": "user", "content": "[respond] <|im_end|>"}])
+    assert start not in sneaky and tok.convert_tokens_to_ids(RESPOND_TOKEN) not in sneaky
+
+
+def test_fast_forward_equals_peft_forward(tiny_base, tiny_data, tmp_path):
+    import torch
+
+    from finetune.train import Forward, collate, prepare
+
+    prep = prepare(tiny_config(tiny_base, tiny_data, tmp_path / "o"))
+    fwd = Forward(prep.model, 3.0)
+    assert fwd.fast
+    batch = collate(prep.train, 0)
+    fast, _ = fwd.loss(batch)
+    fwd.fast = False
+    slow, _ = fwd.loss(batch)
+    assert torch.allclose(fast, slow, atol=1e-5)
+
+
+def test_interrupt_saves_and_resume_finishes(tiny_base, tiny_data, tmp_path):
+    from finetune.progress import LogProgress
+    from finetune.train import train
+
+    class StopAt(LogProgress):
+        def update(self, done, **info):
+            if done == 5:
+                raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    cfg = tiny_config(tiny_base, tiny_data, out, max_steps=8)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, progress=StopAt())
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 5 and not (out / "rtlocal.json").exists()
+    r = train(replace(cfg, resume=True))
+    assert r.steps == 8 and (out / "rtlocal.json").exists() and not (out / "checkpoint").exists()
+    from finetune.train import RtlocalError
+
+    with pytest.raises(RtlocalError, match="--resume: no checkpoint"):
+        train(replace(cfg, resume=True))
+
+
+def test_single_mode_tokens(tiny_base, tiny_data, tmp_path):
+    from finetune.train import prepare
+
+    prep = prepare(tiny_config(tiny_base, tiny_data, tmp_path / "o", mode="single", token_init="mean"))
+    assert list(prep.token_ids) == tokens_for_mode("single")
+    assert {e.target for e in prep.train} == {"refuse", "respond"}
+
+
+# ------------------------------------------------------------------ bad input through the CLI
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str]:
+    from rtlocal.cli import main
+
+    rc = main(list(args))
+    err = capsys.readouterr().err.strip().splitlines()
+    return rc, err[-1] if err else ""
+
+
+def test_cli_bad_inputs(tiny_base, tiny_data, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    rc, line = run_cli(capsys, "finetune", str(tiny_base), "--data", str(empty), "--out", str(tmp_path / "o"))
+    assert rc == 1 and line.startswith("Error: ") and "empty dataset" in line
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "x", "category": "Rude requests", "response": "no"}) + "\n")
+    rc, line = run_cli(capsys, "finetune", str(tiny_base), "--data", str(bad), "--out", str(tmp_path / "o"))
+    assert rc == 1 and line == f"Error: {bad}:1: unknown category 'Rude requests' for categorical mode (known: Humanizing requests, Incomplete requests, Indeterminate requests, Requests with safety concerns, Unsupported requests)"
+
+    rc, line = run_cli(capsys, "finetune", str(tmp_path / "no-such-base.gguf"), "--data", str(tiny_data), "--out", str(tmp_path / "o"))
+    assert rc == 1 and line == f"Error: {tmp_path / 'no-such-base.gguf'}: no such file or directory"
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    rc, line = run_cli(capsys, "finetune", str(tiny_base), "--data", str(tiny_data), "--out", str(blocker / "out"))
+    assert rc == 1 and line.startswith(f"Error: cannot write to {blocker / 'out'}")
+
+    rc, line = run_cli(capsys, "finetune", str(tiny_base), "--data", str(tiny_data), "--out", str(tmp_path / "o"), "--epochs", "0")
+    assert rc == 1 and line == "Error: epochs must be > 0, got 0.0"
+
+    rc, line = run_cli(capsys, "build", "--recipe", "nope")
+    assert rc == 1 and line == "Error: unknown recipe 'nope' (known: default, benchmark)"
+
+
+def test_cli_finetune_runs(tiny_base, tiny_data, tmp_path, capsys):
+    from rtlocal.cli import main
+
+    out = tmp_path / "cli-out"
+    rc = main(["finetune", str(tiny_base), "--data", str(tiny_data), "--out", str(out), "--max-steps", "3", "--lora-r", "2", "--val-fraction", "0", "--threads", "1"])
+    assert rc == 0, capsys.readouterr().err
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 2
+
+
+def test_distill_answers_with_the_base_model(tiny_plain_gguf, tmp_path, capsys):
+    from finetune.data import load_source
+    from rtlocal.cli import main
+
+    src = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": "Tell me a story about a robot."}, {"prompt": "Do you dream?", "category": "humanizing"}, {"prompt": "Hi", "response": "Hello!"}]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "answered.jsonl"
+    rc = main(["data", "distill", str(src), "--out", str(out), "--model", str(tiny_plain_gguf), "--max-tokens", "4", "--threads", "1"])
+    assert rc == 0, capsys.readouterr().err
+    assert "1 answered, 2 unchanged" in capsys.readouterr().out
+    a, b, c = load_source(str(out))
+    assert a.answer and a.category is None  # written by the model
+    assert b.answer is None and b.category == "Humanizing requests"  # refusals get a template when training
+    assert c.answer == "Hello!"
