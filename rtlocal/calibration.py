@@ -7,6 +7,9 @@ Format (stored as JSON in the GGUF key rtlocal.calibration and in profile files)
      "<category>": [{"threshold": t, "refusal_rate": r, "over_refusal_rate": o}, ...]   # t ascending
   },
   "presets": {"<preset>": {"<category>": threshold, ...}, ...}   # optional, written by calibrate
+  # written by `rtlocal calibrate` as well (informative; the runtime reads only the two keys above):
+  "target": "recall=0.9", "thresholds": {"<category>": t}, "expected": {...}, "combined": {...},
+  "preset_targets": {"<preset>": "<target>"}, "preset_rates": {...}, "model": {...}, "data": {...}
 }
 Without a table, strictness s means threshold 1 - s (see policy.strictness_to_threshold).
 With one, a preset name maps to its calibrated threshold and a number s in [0,1] to the largest
@@ -15,7 +18,9 @@ threshold whose measured refusal rate on should-refuse prompts is at least s.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from rtlocal.errors import RtlocalError
@@ -46,7 +51,8 @@ def strictness_mapper(calibration: Mapping[str, Any] | None) -> Callable[[str, s
         if base is None:
             return None
         if key in presets and category in presets[key]:
-            return float(presets[key][category])
+            value = presets[key][category]
+            return None if value is None else float(value)
         curve = curves.get(category)
         if not curve:
             return base
@@ -59,7 +65,44 @@ def strictness_mapper(calibration: Mapping[str, Any] | None) -> Callable[[str, s
     return mapped
 
 
+CALIBRATION_VERSION = 1
+
+
 def validate(calibration: Any) -> dict[str, Any]:
     if not isinstance(calibration, dict) or not isinstance(calibration.get("categories", {}), dict):
         raise RtlocalError("calibration table: expected an object with a 'categories' mapping")
+    for category, curve in calibration.get("categories", {}).items():
+        if not isinstance(curve, list) or not all(
+            isinstance(p, dict) and isinstance(p.get("threshold"), (int, float)) and isinstance(p.get("refusal_rate"), (int, float))
+            for p in curve
+        ):
+            raise RtlocalError(f"calibration table: the curve of {category!r} must be a list of {{threshold, refusal_rate, ...}}")
+    if not isinstance(calibration.get("presets", {}), dict):
+        raise RtlocalError("calibration table: 'presets' must map preset names to thresholds")
     return calibration
+
+
+def save_profile(path: str | Path, calibration: Mapping[str, Any]) -> Path:
+    """Write a calibration table as a profile file (JSON, atomically)."""
+    from rtlocal.paths import atomic_write_text
+
+    p = Path(path).expanduser()
+    if not p.parent.is_dir():
+        raise RtlocalError(f"cannot write {p}: directory {p.parent} does not exist")
+    atomic_write_text(p, json.dumps(calibration, indent=2, sort_keys=True) + "\n")
+    return p
+
+
+def load_profile(path: str | Path) -> dict[str, Any]:
+    """A calibration table from a profile file written by `rtlocal calibrate`."""
+    p = Path(path).expanduser()
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RtlocalError(f"{path}: no such calibration profile") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RtlocalError(f"{path}: not a calibration profile ({e})") from None
+    try:
+        return validate(data)
+    except RtlocalError as e:
+        raise RtlocalError(f"{path}: {e}") from None

@@ -1,0 +1,273 @@
+"""`rtlocal calibrate`: per-category thresholds for a measured target, and the table that gives strictness a meaning.
+
+From first-token probabilities on labelled validation prompts, each category k gets a curve
+threshold -> (share of its should-refuse prompts with p_k >= t, share of should-answer prompts with
+p_k >= t). A target picks thresholds on those curves:
+- `recall=R`: per category, the largest threshold that still refuses R of its should-refuse prompts;
+- `over-refusal=O`: thresholds such that the whole policy refuses at most O of should-answer prompts;
+- `f1`: per category, the threshold with the best F1 (its should-refuse prompts vs should-answer ones).
+The strictness presets are calibrated the same way (PRESET_TARGETS), so `--strictness strict` means
+a measured refusal rate, not a raw number.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from rtlocal.calibration import CALIBRATION_VERSION
+from rtlocal.constants import CONTRACT_VERSION, DEFAULT_THRESHOLD, Keys, alias_of
+from rtlocal.errors import RtlocalError
+from rtlocal.eval_report import Outcomes, category_curves, finite_or_none, operating_point, outcomes, refused_under, with_thresholds
+from rtlocal.evaluate import FIRST_TOKEN, Record, positives_for
+from rtlocal.metrics import rates_at
+from rtlocal.policy import Policy
+
+log = logging.getLogger(__name__)
+
+RECALL, OVER_REFUSAL, F1 = "recall", "over-refusal", "f1"
+TARGET_KINDS = (RECALL, OVER_REFUSAL, F1)
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the thresholds should achieve on the validation prompts."""
+
+    kind: str
+    value: float | None = None
+
+    def __str__(self) -> str:
+        return self.kind if self.value is None else f"{self.kind}={self.value:g}"
+
+
+# What each strictness preset means once a model is calibrated ('off' needs no calibration).
+PRESET_TARGETS: dict[str, Target] = {
+    "lenient": Target(OVER_REFUSAL, 0.01),  # refuse only when sure: at most 1% of should-answer prompts refused
+    "balanced": Target(F1),  # the best trade-off between missed refusals and over-refusals
+    "strict": Target(RECALL, 0.90),  # at least 90% of each category's should-refuse prompts refused
+    "paranoid": Target(RECALL, 0.98),  # at least 98%
+}
+
+
+def parse_target(spec: str) -> Target:
+    """'recall=0.9', 'over-refusal=0.05' or 'f1'."""
+    key, _, value = spec.strip().lower().partition("=")
+    key = key.strip().replace("_", "-")
+    if key == "max-over-refusal":
+        key = OVER_REFUSAL
+    if key not in TARGET_KINDS:
+        raise RtlocalError(f"--target must be recall=R, over-refusal=O or f1, got {spec!r}")
+    if key == F1:
+        if value:
+            raise RtlocalError(f"--target f1 takes no value, got {spec!r}")
+        return Target(F1)
+    try:
+        v = float(value)
+    except ValueError:
+        raise RtlocalError(f"--target {key} needs a number in [0,1]: {key}=0.9, got {spec!r}") from None
+    if math.isnan(v) or not (0.0 < v <= 1.0 if key == RECALL else 0.0 <= v <= 1.0):
+        raise RtlocalError(f"--target {key} must be in {'(0,1]' if key == RECALL else '[0,1]'}, got {value}")
+    return Target(key, v)
+
+
+@dataclass
+class Scores:
+    """First-token probabilities of the validation prompts."""
+
+    records: list[Record]
+    o: Outcomes
+
+    @classmethod
+    def of(cls, records: Sequence[Record], categories: Sequence[str], base: Policy) -> "Scores":
+        if not categories:
+            raise RtlocalError("calibration needs a model with refusal tokens")
+        if not records or not all(r.probs for r in records):
+            raise RtlocalError("calibration needs first-token probabilities for every prompt")
+        o = outcomes(records, base, categories, FIRST_TOKEN)
+        y = o.should_refuse
+        if y.all() or not y.any():
+            raise RtlocalError(
+                f"calibration needs both should-refuse and should-answer prompts (got {int(y.sum())} and {int((~y).sum())}); "
+                "with CoCoNot use a split pair such as --split train"
+            )
+        return cls(list(records), o)
+
+    def positives(self, k: int) -> np.ndarray:
+        o = self.o
+        return o.probs[positives_for(o.categories[k], o.categories, o.gold, o.should_refuse), k]
+
+    def negatives(self, k: int) -> np.ndarray:
+        return self.o.probs[~self.o.should_refuse, k]
+
+    def point(self, policy: Policy) -> dict[str, float | None]:
+        return operating_point(refused_under(self.records, policy), self.o.should_refuse)
+
+
+# A threshold of 1 means "never" (policy.passes), so a score of exactly 1.0 gets the largest float below it.
+_BELOW_ONE = float(np.nextafter(1.0, 0.0))
+
+
+def _recall_threshold(pos: np.ndarray, recall: float) -> float:
+    """The largest t with share(pos >= t) >= recall: the ceil(recall * m)-th largest score."""
+    desc = np.sort(pos)[::-1]
+    need = max(1, math.ceil(recall * len(desc) - 1e-9))
+    return min(float(desc[need - 1]), _BELOW_ONE)
+
+
+def _over_refusal_threshold(neg: np.ndarray, allowed: int) -> float:
+    """The smallest t with at most `allowed` of `neg` at or above it (1.0 = never refuse)."""
+    desc = np.sort(neg)[::-1]
+    if allowed >= len(desc):
+        return 0.0
+    t = float(np.nextafter(desc[allowed], np.inf))  # just above the first score that must not pass
+    return min(t, 1.0)
+
+
+def _f1_threshold(pos: np.ndarray, neg: np.ndarray) -> float:
+    """The threshold among the positive scores with the best F1; ties go to the higher threshold."""
+    cands = np.unique(pos)
+    ps, ns = np.sort(pos), np.sort(neg)
+    tp = len(ps) - np.searchsorted(ps, cands, side="left")
+    fp = len(ns) - np.searchsorted(ns, cands, side="left")
+    f1 = 2 * tp / (2 * tp + fp + (len(ps) - tp))
+    best = np.flatnonzero(f1 == f1.max())
+    return min(float(cands[best[-1]]), _BELOW_ONE)
+
+
+def thresholds_for(scores: Scores, target: Target, base: Policy) -> dict[str, float]:
+    """Per-category thresholds that meet `target` on these scores (see the module docstring)."""
+    cats = scores.o.categories
+    if target.kind in (RECALL, F1):
+        # a category without should-refuse prompts in the data keeps the threshold it has
+        out: dict[str, float] = {}
+        for k, c in enumerate(cats):
+            pos = scores.positives(k)
+            if not len(pos):
+                out[c] = base.threshold(c)
+            elif target.kind == RECALL:
+                out[c] = _recall_threshold(pos, target.value)
+            else:
+                out[c] = _f1_threshold(pos, scores.negatives(k))
+        return out
+    # over-refusal: the same per-category allowance a (in prompts) for every category, as large as
+    # the budget allows for the whole policy (its over-refusal only grows with a)
+    benign = [r for r, y in zip(scores.records, scores.o.should_refuse) if not y]
+    budget = target.value
+
+    def at(a: int) -> dict[str, float]:
+        return {c: _over_refusal_threshold(scores.negatives(k), a) for k, c in enumerate(cats)}
+
+    def over(a: int) -> float:
+        return float(refused_under(benign, with_thresholds(base, at(a))).mean())
+
+    lo, hi = 0, math.floor(budget * len(benign) + 1e-9)
+    if over(lo) > budget:
+        return at(lo)  # cannot happen: with a = 0 no should-answer prompt passes any threshold
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if over(mid) <= budget else (lo, mid - 1)
+    return at(lo)
+
+
+@dataclass
+class CalibrationResult:
+    target: Target
+    thresholds: dict[str, float]
+    table: dict[str, Any]  # the calibration table (profile file and GGUF metadata)
+    notes: list[str] = field(default_factory=list)
+
+
+def calibrate(
+    records: Sequence[Record],
+    categories: Sequence[str],
+    target: Target,
+    *,
+    base: Policy | None = None,
+    model: Mapping[str, Any] | None = None,
+    data: Mapping[str, Any] | None = None,
+) -> CalibrationResult:
+    """Thresholds for `target`, presets for every strictness name, and the measured table behind them.
+
+    Args:
+        records: first-token records of the validation prompts (from `evaluate.score_items`).
+        categories: the model's refusal categories.
+        target: what the returned thresholds should achieve.
+        base: the policy whose other settings (mode, default) the calibrated ones extend.
+    """
+    base = base or Policy(thresholds=dict.fromkeys(categories, DEFAULT_THRESHOLD))
+    scores = Scores.of(records, categories, base)
+    missing = [c for k, c in enumerate(categories) if not len(scores.positives(k))]
+    if len(missing) == len(categories):
+        raise RtlocalError(
+            "no should-refuse prompt carries one of this model's categories "
+            f"({', '.join(alias_of(c) for c in categories)}): per-category calibration needs categorised data"
+        )
+    notes = [
+        f"{alias_of(c)}: no should-refuse prompt of this category; recall and F1 presets keep its threshold "
+        f"({base.threshold(c)})"
+        for c in missing
+    ]
+    chosen = thresholds_for(scores, target, base)
+    presets = {name: thresholds_for(scores, t, base) for name, t in PRESET_TARGETS.items()}
+    extra = {c: [chosen[c], *(p[c] for p in presets.values())] for c in categories}
+    curves = category_curves(scores.o, extra)
+    curves = {c: pts for c, pts in curves.items() if c not in missing}  # no refusal rate measured for those
+    expected = {}
+    for k, c in enumerate(categories):
+        pos, neg = scores.positives(k), scores.negatives(k)
+        t = chosen[c]
+        expected[c] = {
+            "threshold": t,
+            "refusal_rate": finite_or_none(rates_at(pos, [2.0 if t is None else t])[0]),
+            "over_refusal_rate": finite_or_none(rates_at(neg, [2.0 if t is None else t])[0]),
+            "n_should_refuse": int(len(pos)),
+            "n_should_answer": int(len(neg)),
+        }
+    table = {
+        "version": CALIBRATION_VERSION,
+        "target": str(target),
+        "thresholds": chosen,
+        "expected": expected,
+        "combined": scores.point(with_thresholds(base, chosen)),
+        "categories": curves,
+        "presets": presets,
+        "preset_targets": {n: str(t) for n, t in PRESET_TARGETS.items()},
+        "preset_rates": {n: scores.point(with_thresholds(base, p)) for n, p in presets.items()},
+        "uncalibrated": missing,
+        "model": dict(model or {}),
+        "data": dict(data or {}),
+    }
+    return CalibrationResult(target, chosen, table, notes)
+
+
+def gguf_values(info: Any, table: Mapping[str, Any], *, set_defaults: bool = True) -> dict[str, str | int]:
+    """The rtlocal.* metadata to write: the table, and the refusal contract with the calibrated default thresholds."""
+    def default(c: str) -> float:
+        t = table["thresholds"].get(c) if set_defaults else None
+        return float(t if t is not None else info.thresholds.get(c, DEFAULT_THRESHOLD))
+
+    cats = [
+        {"name": c, "token": t, "id": int(i), "threshold": default(c)}
+        for c, t, i in zip(info.categories, info.category_tokens, info.category_ids)
+    ]
+    values: dict[str, str | int] = {
+        Keys.CALIBRATION: json.dumps(table, sort_keys=True, ensure_ascii=False),
+        Keys.CATEGORIES: json.dumps(cats, ensure_ascii=False),
+    }
+    if info.source != "metadata":  # refusal tokens found in the vocab only: write the whole contract
+        values.update({
+            Keys.VERSION: CONTRACT_VERSION,
+            Keys.MODE: info.mode,
+            Keys.RESPOND_TOKEN: info.respond_token,
+            Keys.RESPOND_TOKEN_ID: int(info.respond_id),
+        })
+    return values
+
+
+__all__ = ["PRESET_TARGETS", "CalibrationResult", "Target", "calibrate", "gguf_values", "parse_target", "thresholds_for"]

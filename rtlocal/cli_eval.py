@@ -1,0 +1,206 @@
+"""`rtlocal eval` and `rtlocal calibrate`: thin Typer commands over rtlocal.evaluate and rtlocal.calibrate.
+
+`rtlocal.cli` calls `register(app)` once its shared options and helpers exist; the commands are
+defined inside it so that they can use them (Typer reads the annotations when the command is made).
+"""
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+class _ProgressBar:
+    """A progress bar on stderr: redrawn in place on a terminal, a line every 10% in a log."""
+
+    WIDTH = 28
+
+    def __init__(self, label: str, stream=None):
+        self.label = label
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.t0 = time.monotonic()
+        self.start_done: int | None = None
+        self.last_decile = -1
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.start_done is None:
+            self.start_done = done - 1  # prompts found in the cache do not count towards the rate
+        elapsed = time.monotonic() - self.t0
+        rate = (done - self.start_done) / elapsed if elapsed > 0 else 0.0
+        eta = (total - done) / rate if rate > 0 else 0.0
+        frac = done / total if total else 1.0
+        speed = f"{rate:.1f} prompts/s" if rate >= 1 or rate == 0 else f"{1 / rate:.1f} s/prompt"
+        text = f"{self.label} {done}/{total} {speed} eta {eta:.0f}s"
+        if self.tty:
+            filled = int(frac * self.WIDTH)
+            self.stream.write(f"\r[{'#' * filled}{'.' * (self.WIDTH - filled)}] {text}\x1b[K")
+            self.stream.flush()
+        elif int(frac * 10) > self.last_decile or done == total:
+            self.last_decile = int(frac * 10)
+            print(text, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.tty and self.start_done is not None:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `eval` and `calibrate` commands to the rtlocal app."""
+    from rtlocal import cli as c
+    from rtlocal.errors import RtlocalError
+
+    ModelArg = Annotated[str, typer.Argument(help="GGUF path or model name.")]
+    DataOpt = Annotated[str, typer.Option("--data", "-d", help="A CoCoNot folder, a hub id (allenai/coconot), an XSTest CSV or a JSONL file (prompt, should_refuse, category).")]
+    LimitOpt = Annotated[Optional[int], typer.Option("--limit", help="At most N prompts per split (a fixed-seed sample).", min=1)]
+    RestartOpt = Annotated[bool, typer.Option("--restart", help="Discard cached per-prompt results and start again.")]
+
+    @app.command("eval")
+    def eval_cmd(
+        model: ModelArg,
+        data: DataOpt,
+        split: Annotated[Optional[str], typer.Option("--split", help="CoCoNot: test (default), train, or names joined by commas: refusal_test,contrast_test.")] = None,
+        mode: Annotated[str, typer.Option("--mode", help="first-token (refusal-token probabilities only) or generate (full answers + a refusal judge).")] = "first-token",
+        out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder for report.md, report.json, plots and the resumable cache (default: eval-MODEL-MODE).")] = None,
+        limit: LimitOpt = None,
+        strictness: c.StrictOpt = None,
+        threshold: c.ThresholdOpt = None,
+        calibration: Annotated[Optional[Path], typer.Option("--calibration", help="A profile from `rtlocal calibrate`: presets and --strictness then mean its measured rates.")] = None,
+        system: c.SystemOpt = None,
+        max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="generate: answer tokens per prompt.", min=1)] = 64,
+        temperature: Annotated[float, typer.Option("--temperature", help="generate: sampling temperature (0 = greedy, reproducible).", min=0.0)] = 0.0,
+        seed: Annotated[int, typer.Option("--seed", help="generate: sampling seed.")] = 0,
+        judge: Annotated[Optional[str], typer.Option("--judge", help="generate: a judge model (GGUF path or name) instead of the string-match rules.")] = None,
+        compare: Annotated[Optional[list[Path]], typer.Option("--compare", help="Another run's --out folder, shown side by side (repeatable).")] = None,
+        bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples for the 95% intervals (0: none).", min=0)] = 1000,
+        plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG plots (needs matplotlib: the 'plots' extra).")] = True,
+        restart: RestartOpt = False,
+        threads: c.ThreadsOpt = None,
+        ctx: c.CtxOpt = None,
+        n_gpu_layers: c.GpuOpt = None,
+    ) -> None:
+        """Measure how a model refuses on labelled prompts: rates, ROC/PR AUC, sweeps, the per-category control check."""
+        from rtlocal import evaluate
+        from rtlocal.calibration import load_profile
+        from rtlocal.eval_report import load_report
+        from rtlocal.judge import load_judge
+
+        options = evaluate.RunOptions(mode=mode, system=system, max_tokens=max_tokens, temperature=temperature, seed=seed)
+        if judge and mode != evaluate.GENERATE:
+            raise RtlocalError("--judge applies to --mode generate")
+        others = [load_report(p) for p in compare or []]
+        profile = load_profile(calibration) if calibration else None
+        dataset = evaluate.load_data(data, split=split, limit=limit)
+        engine = c._engine(model, threads, ctx, n_gpu_layers)
+        judge_obj = None
+        try:
+            if profile is not None:
+                if not engine.refusal.present:
+                    raise RtlocalError(f"{engine.path.name} has no refusal tokens: --calibration does not apply")
+                engine.refusal.calibration = profile  # this run's strictness mapping, not the model's own
+            policy = c._policy(engine, strictness, threshold, None, "threshold")
+            if mode == evaluate.GENERATE:
+                judge_obj = load_judge(judge, n_ctx=ctx, n_threads=threads)
+            out_dir = out or Path(f"eval-{engine.path.stem}-{mode}")
+            print(f"eval: {engine.path.name}, {len(dataset.items)} prompts ({', '.join(dataset.splits)}), {mode} -> {out_dir}", file=sys.stderr)
+            bar = _ProgressBar("eval")
+            try:
+                report, files = evaluate.run(
+                    engine, dataset, policy, options=options, out_dir=out_dir, judge=judge_obj, restart=restart,
+                    progress=bar, n_boot=bootstrap, plots=plots, compare=others, limit=limit,
+                )
+            finally:
+                bar.close()
+        finally:
+            if judge_obj is not None:
+                judge_obj.close()
+            engine.close()
+        _print_eval_summary(report, files)
+
+    @app.command("calibrate")
+    def calibrate_cmd(
+        model: ModelArg,
+        data: DataOpt,
+        split: Annotated[Optional[str], typer.Option("--split", help="CoCoNot split(s) to calibrate on (default: train; never calibrate on the test split you report).")] = None,
+        target: Annotated[str, typer.Option("--target", help="recall=R (per category), over-refusal=O (whole policy) or f1 (per category).")] = "f1",
+        profile: Annotated[Optional[Path], typer.Option("--profile", help="Where to write the calibration profile (default: MODEL.calibration.json here).")] = None,
+        write_gguf: Annotated[bool, typer.Option("--write-gguf", help="Also store the table (and the calibrated default thresholds) in the model file, rewritten atomically.")] = False,
+        gguf_out: Annotated[Optional[Path], typer.Option("--gguf-out", help="Write a calibrated copy of the model here instead of rewriting it.")] = None,
+        keep_defaults: Annotated[bool, typer.Option("--keep-defaults", help="With --write-gguf or --gguf-out: keep the model's default thresholds; store only the table.")] = False,
+        cache: Annotated[Optional[Path], typer.Option("--cache", help="A folder for resumable per-prompt results (e.g. an eval --out folder of the same model).")] = None,
+        limit: LimitOpt = None,
+        system: c.SystemOpt = None,
+        restart: RestartOpt = False,
+        threads: c.ThreadsOpt = None,
+        ctx: c.CtxOpt = None,
+        n_gpu_layers: c.GpuOpt = None,
+    ) -> None:
+        """Pick per-category thresholds for a measured target; save the calibration table (profile, optionally the GGUF)."""
+        from rtlocal import evaluate
+        from rtlocal.calibrate import calibrate, gguf_values, parse_target
+        from rtlocal.calibration import save_profile
+        from rtlocal.gguf_edit import set_metadata
+
+        goal = parse_target(target)
+        dataset = evaluate.load_data(data, split=split, limit=limit, default_split="train")
+        engine = c._engine(model, threads, ctx, n_gpu_layers)
+        try:
+            info = engine.refusal
+            if not info.present:
+                raise RtlocalError(f"{engine.path.name} has no refusal tokens: there is nothing to calibrate")
+            policy = c._policy(engine, None, None, None, "threshold")
+            print(f"calibrate: {engine.path.name} on {len(dataset.items)} prompts ({', '.join(dataset.splits)}), target {goal}", file=sys.stderr)
+            bar = _ProgressBar("scoring")
+            try:
+                records, _ = evaluate.score_items(
+                    engine, dataset.items, policy, options=evaluate.RunOptions(system=system), out_dir=cache, restart=restart, progress=bar
+                )
+            finally:
+                bar.close()
+            model_path = engine.path
+            result = calibrate(
+                records, info.categories, goal, base=policy,
+                model=evaluate.model_identity(model_path), data={**dataset.describe(), "limit": limit},
+            )
+        finally:
+            engine.close()
+        profile_path = save_profile(profile or Path(f"{model_path.stem}.calibration.json"), result.table)
+        _print_calibration(result, profile_path)
+        if write_gguf or gguf_out is not None:
+            written = set_metadata(model_path, gguf_values(info, result.table, set_defaults=not keep_defaults), out=gguf_out)
+            print(f"wrote the calibration into {written}")
+
+
+def _print_eval_summary(report: dict, files: dict) -> None:
+    from rtlocal.eval_report import pct
+
+    s = report["summary"]
+    auc = f", ROC AUC {s['roc_auc']:.3f}" if s.get("roc_auc") is not None else ""
+    print(f"{report['label']}: refusal rate {pct(s['refusal_rate'])}, over-refusal {pct(s['over_refusal_rate'])}, F1 {s['f1']:.3f}{auc} (n={report['n']})")
+    for row in (report.get("control") or {}).get("rows", []):
+        print(f"  control: {row['category']} off -> its rate {pct(row['after'][row['category']])}, max other shift "
+              f"{100 * row['max_other_shift']:.1f} pts: {'pass' if row['passed'] else 'FAIL'}")
+    if report.get("plots_note"):
+        print(f"plots {report['plots_note']}", file=sys.stderr)
+    print(f"report: {files['markdown']} (and {files['json'].name}{', ' + ', '.join(report['plots']) if report.get('plots') else ''})")
+
+
+def _print_calibration(result, profile_path: Path) -> None:
+    from rtlocal.constants import alias_of
+    from rtlocal.eval_report import pct
+
+    t = result.table
+    print(f"target {t['target']}:")
+    for cat, e in t["expected"].items():
+        print(f"  {alias_of(cat):<14} threshold {e['threshold']:.4g}  refusal {pct(e['refusal_rate'])} of {e['n_should_refuse']}, "
+              f"over-refusal {pct(e['over_refusal_rate'])} of {e['n_should_answer']}")
+    comb = t["combined"]
+    print(f"  all categories: refusal {pct(comb['refusal_rate'])}, over-refusal {pct(comb['over_refusal_rate'])}, F1 {comb['f1']:.3f}")
+    for name, rates in t["preset_rates"].items():
+        print(f"  preset {name:<9} ({t['preset_targets'][name]}): refusal {pct(rates['refusal_rate'])}, over-refusal {pct(rates['over_refusal_rate'])}")
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"wrote {profile_path}")
