@@ -134,6 +134,7 @@ class Engine:
             raise RtlocalError(f"llama.cpp cannot load {model_path}: {e}") from e
         self.metadata: dict[str, str] = dict(self.llm.metadata)
         self._pieces: dict[tuple[int, bool], bytes] = {}
+        self._eog: dict[int, bool] = {}
         import llama_cpp
 
         self._one = (llama_cpp.llama_token * 1)()
@@ -188,9 +189,13 @@ class Engine:
         return int(self.llm._model.token_get_attr(token))
 
     def is_eog(self, token: int) -> bool:
-        import llama_cpp
+        """End of generation (EOS, end of turn, ...), cached per token: it is asked once per decoded token."""
+        eog = self._eog.get(token)
+        if eog is None:
+            import llama_cpp
 
-        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+            eog = self._eog[token] = bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+        return eog
 
     # ------------------------------------------------------------------ evaluation
 
