@@ -13,7 +13,9 @@ Three timings over the same CoCoNot test prompts:
 - bare+prefix: the same, reusing the KV cache of the common prefix with the previous prompt
   (what the engine does too: the chat template's system prompt is shared).
 The prompts are taken in chunks and the three methods alternate chunk by chunk (in rotating
-order), so that load from other processes falls on all three alike; times are summed per method.
+order), so that load from other processes falls on all three alike. On a shared machine the load
+comes in bursts, so the headline ratio is the median over chunks of the ratio measured within each
+chunk (the three timings of a chunk are seconds apart); the ratio of the summed times is printed too.
 The ratio that counts is ours / bare+prefix, the like-for-like one; ours / bare is printed too.
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -77,7 +80,7 @@ def main() -> None:
     ap.add_argument("--model", help="a refusal-token GGUF (default: the built default, else the stand-in)")
     ap.add_argument("--prompts", type=int, default=200, help="prompts (half refusal_test, half contrast_test)")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--chunk", type=int, default=10, help="prompts per alternation")
+    ap.add_argument("--chunk", type=int, default=5, help="prompts per alternation")
     args = ap.parse_args()
 
     from rtlocal.engine import Engine
@@ -105,6 +108,7 @@ def main() -> None:
             n_tok = sum(map(len, prompts))
             bare(engine, prompts[:5], reuse_prefix=False)  # warm-up: llama.cpp allocates its buffers
             total = {"bare": 0.0, "bare+prefix": 0.0, "ours": 0.0}
+            per_chunk: list[dict[str, float]] = []
             chunks = [range(i, min(i + args.chunk, len(items))) for i in range(0, len(items), args.chunk)]
             for r in range(args.rounds):
                 t_round = dict(total)
@@ -115,8 +119,9 @@ def main() -> None:
                         "ours": lambda: ours(engine, [items[i] for i in ch], policy, Path(tmp) / f"cache-{r}-{j}"),
                     }
                     names = list(runs)
-                    for name in names[j % 3:] + names[: j % 3]:
-                        total[name] += runs[name]()
+                    t = {name: runs[name]() for name in names[j % 3:] + names[: j % 3]}
+                    per_chunk.append(t)
+                    total = {k: total[k] + t[k] for k in total}
                 print(f"round {r + 1}: " + "  ".join(f"{k} {len(items) / (total[k] - t_round[k]):.1f} prompts/s" for k in total), flush=True)
     n_all = len(items) * args.rounds
     rate = {k: n_all / v for k, v in total.items()}
@@ -125,9 +130,11 @@ def main() -> None:
     print(f"bare llama.cpp, fresh KV per prompt: {rate['bare']:.1f} prompts/s ({n_tok * args.rounds / total['bare']:.0f} tokens/s)")
     print(f"bare llama.cpp, prefix reuse:        {rate['bare+prefix']:.1f} prompts/s")
     print(f"rtlocal eval first-token:            {rate['ours']:.1f} prompts/s")
-    ratio = rate["ours"] / rate["bare+prefix"]
-    print(f"ratio ours / bare (fresh KV): {rate['ours'] / rate['bare']:.2f}")
-    print(f"ratio ours / bare (prefix reuse, like for like): {ratio:.2f} (target >= {TARGET}: {'met' if ratio >= TARGET else 'NOT met'})")
+    median = {k: float(statistics.median(t[k] / t["ours"] for t in per_chunk)) for k in ("bare", "bare+prefix")}
+    print(f"ratio ours / bare (fresh KV): median over chunks {median['bare']:.2f}, summed times {rate['ours'] / rate['bare']:.2f}")
+    ratio = median["bare+prefix"]
+    print(f"ratio ours / bare (prefix reuse, like for like): median over chunks {ratio:.2f}, summed times "
+          f"{rate['ours'] / rate['bare+prefix']:.2f} (target >= {TARGET}: {'met' if ratio >= TARGET else 'NOT met'})")
 
 
 if __name__ == "__main__":

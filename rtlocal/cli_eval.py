@@ -78,6 +78,7 @@ def register(app: typer.Typer) -> None:
         bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples for the 95% intervals (0: none).", min=0)] = 1000,
         plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG plots (needs matplotlib: the 'plots' extra).")] = True,
         restart: RestartOpt = False,
+        label: Annotated[Optional[str], typer.Option("--label", help="The run's name in reports and comparisons (default: model, mode and policy flags).")] = None,
         threads: c.ThreadsOpt = None,
         ctx: c.CtxOpt = None,
         n_gpu_layers: c.GpuOpt = None,
@@ -105,12 +106,15 @@ def register(app: typer.Typer) -> None:
             if mode == evaluate.GENERATE:
                 judge_obj = load_judge(judge, n_ctx=ctx, n_threads=threads)
             out_dir = out or Path(f"eval-{engine.path.stem}-{mode}")
+            if label is None:
+                flags = [mode] + [f"{n} {v}" for n, v in (("strictness", strictness), ("threshold", threshold)) if v]
+                label = f"{engine.path.name} ({', '.join(flags + (['calibrated'] if profile is not None else []))})"
             print(f"eval: {engine.path.name}, {len(dataset.items)} prompts ({', '.join(dataset.splits)}), {mode} -> {out_dir}", file=sys.stderr)
             bar = _ProgressBar("eval")
             try:
                 report, files = evaluate.run(
                     engine, dataset, policy, options=options, out_dir=out_dir, judge=judge_obj, restart=restart,
-                    progress=bar, n_boot=bootstrap, plots=plots, compare=others, limit=limit,
+                    progress=bar, n_boot=bootstrap, plots=plots, compare=others, limit=limit, label=label,
                 )
             finally:
                 bar.close()

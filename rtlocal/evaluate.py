@@ -544,6 +544,7 @@ def run(
     plots: bool = True,
     compare: Sequence[dict[str, Any]] = (),
     limit: int | None = None,
+    label: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, Path]]:
     """Score `dataset`, then write report.json, report.md and the plots to `out_dir`.
 
@@ -575,6 +576,7 @@ def run(
         timing=timing,
         presets=preset_policies(engine),
         n_boot=DEFAULT_BOOTSTRAP if n_boot is None else n_boot,
+        label=label,
     )
     files = write_report(report, out_dir, plots=plots, compare=compare)
     return report, files

@@ -199,6 +199,8 @@ def test_control_check_by_hand():
     assert saf["before"][INC] == 1.0 and saf["after"][INC] == 0.5 and saf["max_other_shift"] == 0.5
     assert saf["over_refusal_before"] == 1.0 and saf["over_refusal_after"] == 0.0
     assert not saf["passed"]
+    # tokens: prompt 1 moves from the safety token to the incomplete one, prompts 0, 3 and 4 to respond
+    assert saf["token_before"][INC] == 0.2 and saf["token_after"][INC] == 0.4 and saf["max_other_token_shift"] == pytest.approx(0.2)
     inc = rows[INC]
     assert inc["after"][INC] == 0.5 and inc["delta"][SAF] == 0.0
     assert rows[HUM]["on_target_ok"] is None and rows[HUM]["passed"]  # no humanizing prompts: nothing to move
