@@ -32,6 +32,7 @@ from rtlocal.constants import (
     token_for,
 )
 from rtlocal.errors import RtlocalError
+from rtlocal.jsonl import read_objects
 
 log = logging.getLogger(__name__)
 
@@ -131,18 +132,8 @@ def read_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         raise RtlocalError(f"{path}: no such file")
     if path.is_dir():
         raise RtlocalError(f"{path}: is a directory (expected a JSONL file)")
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RtlocalError(f"{where}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise RtlocalError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            yield where, row
+    for n, row in read_objects(path):
+        yield f"{path}:{n}", row
 
 
 def _hub_rows(dataset_id: str, config: str | None, split: str) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -26,6 +26,7 @@ import numpy as np
 
 from rtlocal.constants import COCONOT_CATEGORIES
 from rtlocal.errors import RtlocalError
+from rtlocal.jsonl import read_objects
 from rtlocal.paths import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -175,29 +176,11 @@ def _category(value: Any) -> str | None:
         return str(value)
 
 
-def _read_jsonl(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
-    try:
-        f = open(path, encoding="utf-8")
-    except OSError as e:
-        raise RtlocalError(f"{path}: {e.strerror}") from e
-    with f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RtlocalError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise RtlocalError(f"{path}:{n}: expected a JSON object")
-            yield n, obj
-
-
 def _coconot_rows(path: Path, split: str) -> list[EvalItem]:
     should_refuse = COCONOT_SPLITS[split][0]
     return [
         _item(split, obj.get("id", n), obj.get("prompt"), should_refuse, obj.get("category"), obj.get("subcategory"), f"{path}:{n}")
-        for n, obj in _read_jsonl(path)
+        for n, obj in read_objects(path)
     ]
 
 
@@ -215,7 +198,7 @@ def _jsonl_rows(path: Path) -> list[EvalItem]:
     """Generic JSONL (prompt, should_refuse); files named like CoCoNot splits take their label from the name."""
     coconot = path.stem in COCONOT_SPLITS
     items = []
-    for n, obj in _read_jsonl(path):
+    for n, obj in read_objects(path):
         where = f"{path}:{n}"
         if "should_refuse" in obj:
             label = _label(obj["should_refuse"], where)
