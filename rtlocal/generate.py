@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import IO, Any
 from rtlocal.constants import alias_of
 from rtlocal.engine import Engine, Response, SamplingParams
 from rtlocal.errors import RtlocalError
+from rtlocal.jsonl import parse_object, read_lines
 from rtlocal.policy import Policy
 from rtlocal.prompts import Message, messages_from_dicts
 
@@ -29,28 +29,18 @@ class Item:
 
 def read_jsonl(path: Path | str, *, system: str | None = None, skip_bad: bool = False, warn: IO | None = None) -> Iterator[Item]:
     """Items from JSONL: {"prompt": str} or {"messages": [...]}, optional "id"; bad lines report file:line."""
-    stream = sys.stdin if str(path) == "-" else None
-    try:
-        f = stream or open(path, encoding="utf-8")
-    except OSError as e:
-        raise RtlocalError(f"{path}: {e.strerror}") from e
-    with f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield _item(json.loads(line), n, system, f"{path}:{n}")
-            except (json.JSONDecodeError, RtlocalError) as e:
-                msg = f"{path}:{n}: {e.msg if isinstance(e, json.JSONDecodeError) else e}"
-                if not skip_bad:
-                    raise RtlocalError(msg + " (use --skip-bad to skip such lines)") from None
-                if warn is not None:
-                    print(f"warning: skipped {msg}", file=warn)
+    for n, line in read_lines(path):
+        try:
+            yield _item(parse_object(line), n, system)
+        except RtlocalError as e:
+            msg = f"{path}:{n}: {e}"
+            if not skip_bad:
+                raise RtlocalError(msg + " (use --skip-bad to skip such lines)") from None
+            if warn is not None:
+                print(f"warning: skipped {msg}", file=warn)
 
 
-def _item(obj: Any, n: int, system: str | None, where: str) -> Item:
-    if not isinstance(obj, dict):
-        raise RtlocalError("expected a JSON object")
+def _item(obj: dict[str, Any], n: int, system: str | None) -> Item:
     if isinstance(obj.get("prompt"), str):
         msgs = [Message("user", obj["prompt"])]
     elif isinstance(obj.get("messages"), list):

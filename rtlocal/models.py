@@ -25,6 +25,7 @@ class Settings:
     n_gpu_layers: int | None = None
     strictness: str | None = None
     threshold: str | None = None
+    calibration: str | None = None  # a profile from `rtlocal calibrate`, used instead of the model's own table
     keymap: dict[str, str] | None = None  # TUI key rebinding by binding id, e.g. {"chat.regenerate": "f5"}
 
 
@@ -58,6 +59,6 @@ def resolve_model(spec: str | None, settings: Settings | None = None) -> Path:
     if "/" not in spec and named.is_file():
         return named
     if spec == DEFAULT_MODEL_NAME:
-        raise RtlocalError(f"the default model is not built yet: run `rtlocal build` (or pass --model FILE.gguf)")
+        raise RtlocalError("the default model is not built yet: run `rtlocal build` (or pass --model FILE.gguf)")
     names = ", ".join(m.stem for m in list_models()) or "none"
     raise RtlocalError(f"model {spec!r} not found (a GGUF path, or a name in {models_dir()}: {names})")

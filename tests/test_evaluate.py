@@ -1,7 +1,6 @@
 """`rtlocal eval`: data loading, metrics checked by hand, the tiny refusal-token model end to end."""
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
