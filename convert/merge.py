@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,8 @@ def quiet_transformers() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    # PEFT reads transformers' deprecated alias when wrapping a model: not the user's concern
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def check_architecture(base: Base, adapter: Path | None) -> None:

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 
 class Progress(Protocol):
-    def start(self, description: str, total: int | None) -> None: ...
+    def start(self, description: str, total: int | None, initial: int = 0) -> None: ...
     def update(self, done: int, **info: float | str) -> None: ...
     def stage(self, message: str) -> None: ...
     def finish(self) -> None: ...
@@ -27,6 +27,13 @@ def format_seconds(s: float) -> str:
     h, rem = divmod(s, 3600)
     m, sec = divmod(rem, 60)
     return f"{h}:{m:02d}:{sec:02d}" if h else f"{m:02d}:{sec:02d}"
+
+
+def eta_seconds(elapsed: float, done: int, initial: int, total: int | None) -> float:
+    """Time left at this run's pace: steps done before a resume (`initial`) took no time in this run."""
+    if not total or done <= initial:
+        return 0.0
+    return elapsed / (done - initial) * (total - done)
 
 
 def _info_text(info: dict) -> str:
@@ -45,16 +52,18 @@ class LogProgress:
         self.t0 = time.perf_counter()
         self.next_mark = 0.0
         self.description = ""
+        self.initial = 0
 
-    def start(self, description: str, total: int | None) -> None:
-        self.description, self.total, self.t0, self.next_mark = description, total, time.perf_counter(), 0.1
+    def start(self, description: str, total: int | None, initial: int = 0) -> None:
+        self.description, self.total, self.initial = description, total, initial
+        self.t0, self.next_mark = time.perf_counter(), (initial / total + 0.1 if total else 0.1)
 
     def update(self, done: int, **info: float | str) -> None:
         if not self.total or done / self.total < self.next_mark and done != self.total:
             return
         self.next_mark = done / self.total + 0.1
         elapsed = time.perf_counter() - self.t0
-        eta = elapsed / done * (self.total - done) if done else 0.0
+        eta = eta_seconds(elapsed, done, self.initial, self.total)
         self.log.info("%s %d/%d (%s elapsed, ETA %s) %s", self.description, done, self.total, format_seconds(elapsed), format_seconds(eta), _info_text(info))
 
     def stage(self, message: str) -> None:
@@ -73,13 +82,15 @@ class BarProgress:
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.total: int | None = None
         self.description = ""
+        self.initial = 0
         self.t0 = time.perf_counter()
         self.last_draw = 0.0
         self.next_mark = 0.0
         self.open_line = False
 
-    def start(self, description: str, total: int | None) -> None:
-        self.description, self.total, self.t0, self.next_mark = description, total, time.perf_counter(), 0.1
+    def start(self, description: str, total: int | None, initial: int = 0) -> None:
+        self.description, self.total, self.initial = description, total, initial
+        self.t0, self.next_mark = time.perf_counter(), (initial / total + 0.1 if total else 0.1)
 
     def update(self, done: int, **info: float | str) -> None:
         now = time.perf_counter()
@@ -93,7 +104,7 @@ class BarProgress:
         if total:
             self.next_mark = done / total + 0.1
         elapsed = now - self.t0
-        eta = elapsed / done * (total - done) if done and total else 0.0
+        eta = eta_seconds(elapsed, done, self.initial, total)
         frac = min(1.0, done / total) if total else 0.0
         bar = "#" * int(frac * self.width) + "-" * (self.width - int(frac * self.width))
         text = f"{self.description} [{bar}] {done}/{total or '?'} {format_seconds(elapsed)} ETA {format_seconds(eta)} {_info_text(info)}"

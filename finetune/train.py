@@ -501,8 +501,9 @@ def load_base(spec: str) -> tuple[Any, Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from convert.merge import resolve_base
+    from convert.merge import quiet_transformers, resolve_base
 
+    quiet_transformers()
     base = resolve_base(spec)
     try:
         tok = AutoTokenizer.from_pretrained(base.hf_dir)
@@ -668,8 +669,9 @@ def fit(prep: Prepared, *, progress: Progress | None = None, checkpoint_dir: Pat
     n_train = count_trainable(prep.model)
     log.info("trainable parameters: %d; %d examples, %d steps on %s (%d threads)", n_train, len(prep.train), total, prep.device, torch.get_num_threads())
     prep.model.train()
-    progress.start("training", total)
+    progress.start("training", total, initial=state["step"])
     t0 = time.perf_counter() - state["seconds"]
+    run_t0, run_tokens = time.perf_counter(), state["tokens"]  # this run's pace, for the bar
     step = state["step"]
     window: list[float] = []
     micro = step * config.grad_accum  # micro-batches already done
@@ -696,7 +698,7 @@ def fit(prep: Prepared, *, progress: Progress | None = None, checkpoint_dir: Pat
                 state["curve"].append([step, round(mean, 4)])
                 window = []
             state["seconds"] = time.perf_counter() - t0
-            progress.update(step, loss=mean, first_ce=info["first_ce"], tok_s=state["tokens"] / max(1e-9, state["seconds"]))
+            progress.update(step, loss=mean, first_ce=info["first_ce"], tok_s=(state["tokens"] - run_tokens) / max(1e-9, time.perf_counter() - run_t0))
             if prep.device == "cpu" and not config.threads and step % 25 == 0:  # follow the machine's load
                 torch.set_num_threads(idle_cores(own=torch.get_num_threads()))
             if checkpoint_dir is not None and config.save_every and step % config.save_every == 0 and step < total:

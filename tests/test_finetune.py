@@ -136,12 +136,28 @@ def test_interrupt_saves_and_resume_finishes(tiny_base, tiny_data, tmp_path):
         train(cfg, progress=StopAt())
     state = json.loads((out / "checkpoint" / "state.json").read_text())
     assert state["step"] == 5 and not (out / "rtlocal.json").exists()
-    r = train(replace(cfg, resume=True))
+    class Record(LogProgress):
+        def start(self, description, total, initial=0):
+            super().start(description, total, initial)
+            self.started = (description, total, initial)
+
+    rec = Record()
+    r = train(replace(cfg, resume=True), progress=rec)
     assert r.steps == 8 and (out / "rtlocal.json").exists() and not (out / "checkpoint").exists()
+    assert rec.started == ("training", 8, 5)  # the bar's ETA counts only this run's steps
     from finetune.train import RtlocalError
 
     with pytest.raises(RtlocalError, match="--resume: no checkpoint"):
         train(replace(cfg, resume=True))
+
+
+def test_eta_after_resume():
+    from finetune.progress import eta_seconds
+
+    # 5 of 8 steps were done before the resume; this run did 1 step in 10 s: 2 steps left, 20 s
+    assert eta_seconds(10.0, 6, 5, 8) == pytest.approx(20.0)
+    assert eta_seconds(10.0, 6, 0, 8) == pytest.approx(10.0 / 6 * 2)
+    assert eta_seconds(0.0, 5, 5, 8) == 0.0 and eta_seconds(3.0, 2, 0, None) == 0.0
 
 
 def test_single_mode_tokens(tiny_base, tiny_data, tmp_path):
