@@ -106,3 +106,18 @@ def load_profile(path: str | Path) -> dict[str, Any]:
         return validate(data)
     except RtlocalError as e:
         raise RtlocalError(f"{path}: {e}") from None
+
+
+def apply_profile(info: Any, path: str | Path, *, model_name: str = "the model") -> dict[str, Any]:
+    """Load a profile and make it `info`'s strictness mapping for this session (a RefusalInfo).
+
+    The flags that read strictness (--strictness, the chat panel, /strictness) all look it up there.
+    """
+    if not info.present:
+        raise RtlocalError(f"{model_name} has no refusal tokens: a calibration profile does not apply")
+    table = load_profile(path)
+    unknown = sorted(set(table.get("categories", {})) - set(info.categories))
+    if unknown:
+        raise RtlocalError(f"{path}: calibrated for categories {model_name} lacks ({', '.join(unknown)})")
+    info.calibration = table
+    return table

@@ -57,6 +57,10 @@ SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Sampling seed (d
 TempOpt = Annotated[float, typer.Option("--temperature", help="Sampling temperature for the answer (0 = greedy).", min=0.0)]
 MaxTokOpt = Annotated[int, typer.Option("--max-tokens", "-n", help="Maximum answer tokens.", min=1)]
 SystemOpt = Annotated[Optional[str], typer.Option("--system", help="System prompt.")]
+CalibOpt = Annotated[
+    Optional[Path],
+    typer.Option("--calibration", help="A profile from `rtlocal calibrate`: --strictness then means its measured rates (instead of the model's own table)."),
+]
 
 
 def _engine(model: str | None, threads: int | None, ctx: int | None, gpu: int | None):
@@ -73,8 +77,8 @@ def _engine(model: str | None, threads: int | None, ctx: int | None, gpu: int | 
     )
 
 
-def _policy(engine, strictness: str | None, threshold: str | None, bias: str | None, mode: str):
-    from rtlocal.calibration import strictness_mapper
+def _policy(engine, strictness: str | None, threshold: str | None, bias: str | None, mode: str, calibration: Path | None = None):
+    from rtlocal.calibration import apply_profile, strictness_mapper
     from rtlocal.models import load_settings
     from rtlocal.policy import Mode, build_policy
 
@@ -86,6 +90,9 @@ def _policy(engine, strictness: str | None, threshold: str | None, bias: str | N
     info = engine.refusal
     if not info.present and (strictness or threshold or bias):
         raise RtlocalError(f"{engine.path.name} has no refusal tokens: --strictness/--threshold/--bias do not apply")
+    profile = calibration or (Path(settings.calibration).expanduser() if settings.calibration else None)
+    if profile is not None:
+        apply_profile(info, profile, model_name=engine.path.name)
     return build_policy(
         info.categories,
         strictness=strictness or settings.strictness,
@@ -112,6 +119,7 @@ def generate(
     bias: BiasOpt = None,
     mode: ModeOpt = "threshold",
     system: SystemOpt = None,
+    calibration: CalibOpt = None,
     max_tokens: MaxTokOpt = 256,
     temperature: TempOpt = 0.7,
     top_k: Annotated[int, typer.Option("--top-k", min=0)] = 40,
@@ -147,7 +155,7 @@ def generate(
         raise RtlocalError(f"{input}: no such file")
     engine = _engine(model, threads, ctx, n_gpu_layers)
     try:
-        policy = _policy(engine, strictness, threshold, bias, mode)
+        policy = _policy(engine, strictness, threshold, bias, mode, calibration)
         if not engine.refusal.present:
             print(f"note: {engine.path.name} has no refusal tokens; running it as a plain model", file=sys.stderr)
         items = (
@@ -174,6 +182,7 @@ def chat(
     bias: BiasOpt = None,
     mode: ModeOpt = "threshold",
     system: SystemOpt = None,
+    calibration: CalibOpt = None,
     plain: Annotated[bool, typer.Option("--plain", help="Line-mode REPL instead of the full-screen UI.")] = False,
     max_tokens: MaxTokOpt = 512,
     temperature: TempOpt = 0.7,
@@ -191,7 +200,7 @@ def chat(
         _ensure_default_model()
     engine = _engine(model, threads, ctx, n_gpu_layers)
     try:
-        policy = _policy(engine, strictness, threshold, bias, mode)
+        policy = _policy(engine, strictness, threshold, bias, mode, calibration)
         session = ChatSession(
             engine, policy, system=system, sampling=SamplingParams(temperature=temperature, seed=seed), max_tokens=max_tokens
         )

@@ -68,7 +68,7 @@ def register(app: typer.Typer) -> None:
         limit: LimitOpt = None,
         strictness: c.StrictOpt = None,
         threshold: c.ThresholdOpt = None,
-        calibration: Annotated[Optional[Path], typer.Option("--calibration", help="A profile from `rtlocal calibrate`: presets and --strictness then mean its measured rates.")] = None,
+        calibration: c.CalibOpt = None,
         system: c.SystemOpt = None,
         max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="generate: answer tokens per prompt.", min=1)] = 64,
         temperature: Annotated[float, typer.Option("--temperature", help="generate: sampling temperature (0 = greedy, reproducible).", min=0.0)] = 0.0,
@@ -98,11 +98,7 @@ def register(app: typer.Typer) -> None:
         engine = c._engine(model, threads, ctx, n_gpu_layers)
         judge_obj = None
         try:
-            if profile is not None:
-                if not engine.refusal.present:
-                    raise RtlocalError(f"{engine.path.name} has no refusal tokens: --calibration does not apply")
-                engine.refusal.calibration = profile  # this run's strictness mapping, not the model's own
-            policy = c._policy(engine, strictness, threshold, None, "threshold")
+            policy = c._policy(engine, strictness, threshold, None, "threshold", calibration)
             if mode == evaluate.GENERATE:
                 judge_obj = load_judge(judge, n_ctx=ctx, n_threads=threads)
             out_dir = out or Path(f"eval-{engine.path.stem}-{mode}")

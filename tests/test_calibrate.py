@@ -8,7 +8,6 @@ import pytest
 
 from rtlocal.calibrate import PRESET_TARGETS, Target, calibrate, parse_target
 from rtlocal.calibration import load_profile, strictness_mapper
-from rtlocal.cli import main
 from rtlocal.constants import COCONOT_CATEGORIES, Keys
 from rtlocal.errors import RtlocalError
 from rtlocal.eval_report import refused_under
@@ -194,6 +193,41 @@ def test_eval_with_a_profile_gives_presets_their_measured_meaning(tiny_gguf, val
     assert report["policy"]["thresholds"] == table["presets"]["strict"]
     assert report["summary"]["refusal_rate"] >= 0.9  # strict: at least 90% of each category's prompts, measured
     assert report["model"]["calibration"]
+
+
+def test_generate_and_chat_take_a_profile(tiny_gguf, tiny_plain_gguf, validation, tmp_path, capsys):
+    profile = tmp_path / "p.json"
+    assert run_cli(["calibrate", str(tiny_gguf), "--data", str(validation), "--profile", str(profile), "--ctx", "256"], capsys)[0] == 0
+    table = load_profile(profile)
+    rc, stdout, err = run_cli(["generate", "-m", str(tiny_gguf), "--calibration", str(profile), "--strictness", "lenient",
+                               "--json", "-n", "4", "--ctx", "256", "--temperature", "0", "hello"], capsys)
+    assert rc == 0, err
+    assert json.loads(stdout)["thresholds"] == table["presets"]["lenient"]
+
+    # the REPL's /strictness maps through the same profile
+    import io
+
+    from rtlocal.chat import ChatSession, run_repl
+    from rtlocal.cli import _policy
+    from rtlocal.engine import Engine, SamplingParams
+
+    with Engine(tiny_gguf, n_ctx=256) as engine:
+        _policy(engine, None, None, None, "threshold", profile)
+        session = ChatSession(engine, build_policy(engine.refusal.categories), sampling=SamplingParams(temperature=0), max_tokens=4)
+        out = io.StringIO()
+        run_repl(session, io.StringIO("/strictness strict\n/quit\n"), out)
+        assert session.policy.thresholds == table["presets"]["strict"]
+
+    # a profile for other categories, or for a model without refusal tokens, is one clear error
+    other = dict(table, categories={"Rude requests": [{"threshold": 0.5, "refusal_rate": 0.5}]})
+    bad = tmp_path / "other.json"
+    bad.write_text(json.dumps(other))
+    rc, _, err = run_cli(["generate", "-m", str(tiny_gguf), "--calibration", str(bad), "--ctx", "256", "hi"], capsys)
+    assert rc == 1 and "calibrated for categories" in error_line(err) and "Rude requests" in error_line(err)
+    rc, _, err = run_cli(["generate", "-m", str(tiny_plain_gguf), "--calibration", str(profile), "--ctx", "256", "hi"], capsys)
+    assert rc == 1 and "has no refusal tokens" in error_line(err)
+    rc, _, err = run_cli(["chat", "-m", str(tiny_gguf), "--calibration", str(tmp_path / "missing.json"), "--plain"], capsys)
+    assert rc == 1 and "no such calibration profile" in error_line(err)
 
 
 def test_write_gguf_in_place_is_atomic(tiny_gguf, validation, tmp_path, capsys):
