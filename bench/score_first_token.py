@@ -27,24 +27,11 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data" / "coconot"
 
 
 def auroc(pos: list[float], neg: list[float]) -> float:
-    """P(score of a random positive > a random negative), ties counted half."""
-    import numpy as np
+    """ROC AUC of refusal_test (positive) against contrast_test (negative): rtlocal's own metric."""
+    from rtlocal.metrics import roc_auc
 
-    p, n = np.asarray(pos), np.asarray(neg)
-    if not len(p) or not len(n):
-        return float("nan")
-    allv = np.concatenate([p, n])
-    order = allv.argsort(kind="mergesort")
-    ranks = np.empty(len(allv))
-    sorted_v = allv[order]
-    i = 0
-    while i < len(allv):  # average ranks over ties
-        j = i
-        while j + 1 < len(allv) and sorted_v[j + 1] == sorted_v[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return float((ranks[: len(p)].sum() - len(p) * (len(p) + 1) / 2) / (len(p) * len(n)))
+    value = roc_auc([True] * len(pos) + [False] * len(neg), list(pos) + list(neg))
+    return float("nan") if value is None else value
 
 
 def score(model: Path, data: Path, *, limit: int | None = None, threads: int | None = None) -> dict:
