@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from rtlocal.constants import Keys, TokenType
+from rtlocal.constants import STRICTNESS_PRESETS, Keys, TokenType
 from rtlocal.errors import RtlocalError
 from rtlocal.metadata import read_refusal_info
 
@@ -78,6 +78,24 @@ def inspect_gguf(path: str | Path) -> dict[str, Any]:
     }
 
 
+def calibration_lines(table: Any) -> list[str]:
+    """What a calibration table says the presets mean: measured refusal and over-refusal rates."""
+    if not isinstance(table, dict):
+        return ["  calibration    present (unreadable)"]
+    data = table.get("data") or {}
+    where = f" on {data.get('n')} prompts of {', '.join(data.get('splits') or []) or data.get('spec', '?')}" if data else ""
+    lines = [f"  calibration    present (target {table.get('target', '?')}{where})"]
+    measured = table.get("preset_rates") or {}
+    order = list(STRICTNESS_PRESETS)
+    for name in sorted(measured, key=lambda n: order.index(n) if n in order else len(order)):
+        rates = measured[name]
+        lines.append(
+            f"    {name:<9} refuses {rates.get('refusal_rate', float('nan')):.1%} of should-refuse, "
+            f"{rates.get('over_refusal_rate', float('nan')):.1%} of should-answer prompts"
+        )
+    return lines
+
+
 def format_report(info: dict[str, Any]) -> str:
     """The human-readable form of `inspect_gguf`."""
     size_mb = info["size_bytes"] / 1e6
@@ -97,7 +115,7 @@ def format_report(info: dict[str, Any]) -> str:
             th = f"  threshold {th_of[cat]:.2f}" if th_of.get(cat) is not None else ""
             lines.append(f"    {t['id']:>7}  {t['type']:<8} {t['token']}{th}")
         if Keys.CALIBRATION in info["rtlocal"]:
-            lines.append("  calibration    present")
+            lines += calibration_lines(info["rtlocal"][Keys.CALIBRATION])
         if Keys.BASE_MODEL in info["rtlocal"]:
             lines.append(f"  base model     {info['rtlocal'][Keys.BASE_MODEL]}")
     else:

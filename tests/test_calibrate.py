@@ -168,7 +168,9 @@ def test_calibrate_writes_profile_and_gguf_round_trip(tiny_gguf, validation, tmp
         assert a.decide([Message("user", "hello")], pol).probs == b.decide([Message("user", "hello")], pol).probs
 
     rc, stdout, _ = run_cli(["inspect", str(out_model)], capsys)
-    assert rc == 0 and "calibration    present" in stdout
+    assert rc == 0 and "calibration    present (target recall=0.5" in stdout
+    rates = table["preset_rates"]["strict"]
+    assert f"strict    refuses {rates['refusal_rate']:.1%} of should-refuse, {rates['over_refusal_rate']:.1%} of should-answer" in stdout
     rc, stdout, _ = run_cli(["inspect", "--json", str(out_model)], capsys)
     assert json.loads(stdout)["rtlocal"][Keys.CALIBRATION]["target"] == "recall=0.5"
 
