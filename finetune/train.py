@@ -68,6 +68,11 @@ class TrainConfig:
     balance: float = field(default=1.0, metadata={"help": "Oversample small refusal categories: 0 none, 1 up to the largest."})
     max_length: int = field(default=256, metadata={"help": "Maximum tokens per example (longer prompts are dropped)."})
     max_answer_tokens: int = field(default=64, metadata={"help": "Answer tokens trained per example (the rest is cut)."})
+    max_refusal_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Refusal-text tokens trained per refusal example (default: max_answer_tokens); set it above "
+                  "the refusal texts' length to train them whole, with their end of turn."},
+    )
     max_prompt_chars: int = field(default=2000, metadata={"help": "Drop prompts longer than this many characters."})
     refusal_templates: str | None = field(default=None, metadata={"help": "JSON of refusal texts per category (default: built-in)."})
     # Optimisation
@@ -103,6 +108,7 @@ class TrainConfig:
         need(self.balance >= 0, "balance", "must be >= 0")
         need(self.max_length >= 16, "max_length", "must be >= 16")
         need(self.max_answer_tokens >= 1, "max_answer_tokens", "must be >= 1")
+        need(self.max_refusal_tokens is None or self.max_refusal_tokens >= 1, "max_refusal_tokens", "must be >= 1")
         need(self.epochs > 0, "epochs", "must be > 0")
         need(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1")
         need(self.batch_size >= 1, "batch_size", "must be >= 1")
@@ -242,7 +248,8 @@ def encode_dataset(encoder: ChatEncoder, records: Sequence[Record], token_ids: d
     respond_id = token_ids[RESPOND_TOKEN]
     for r in records:
         start = token_ids[token_for(r.category)] if r.category else respond_id
-        ex = encoder.encode(r, start, respond_id=respond_id, max_length=config.max_length, max_answer_tokens=config.max_answer_tokens)
+        cut = config.max_refusal_tokens if r.category and config.max_refusal_tokens else config.max_answer_tokens
+        ex = encoder.encode(r, start, respond_id=respond_id, max_length=config.max_length, max_answer_tokens=cut)
         if ex is None:
             dropped += 1
         else:

@@ -71,6 +71,7 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
         token_init: Annotated[Optional[str], typer.Option("--token-init", help="words or mean.")] = None,
         max_length: Annotated[Optional[int], typer.Option("--max-length", help="Max tokens per example.")] = None,
         max_answer_tokens: Annotated[Optional[int], typer.Option("--max-answer-tokens", help="Answer tokens trained per example.")] = None,
+        max_refusal_tokens: Annotated[Optional[int], typer.Option("--max-refusal-tokens", help="Refusal-text tokens trained per refusal example (default: --max-answer-tokens).")] = None,
         val_fraction: Annotated[Optional[float], typer.Option("--val-fraction", help="Share held out for validation.")] = None,
         seed: Annotated[Optional[int], typer.Option("--seed")] = None,
         device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or mps.")] = None,
@@ -89,7 +90,7 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
             base=base, output_dir=str(out), data=data or None, mode=mode, epochs=epochs, max_steps=max_steps,
             batch_size=batch_size, grad_accum=grad_accum, learning_rate=lr, token_learning_rate=token_lr, lora_r=lora_r,
             first_token_weight=first_token_weight, balance=balance, token_init=token_init, max_length=max_length,
-            max_answer_tokens=max_answer_tokens, val_fraction=val_fraction, seed=seed, device=device, threads=threads,
+            max_answer_tokens=max_answer_tokens, max_refusal_tokens=max_refusal_tokens, val_fraction=val_fraction, seed=seed, device=device, threads=threads,
             save_every=save_every, resume=resume or None,
         )
         cfg = _config(recipe, config, flags)

@@ -106,6 +106,31 @@ def test_training_ids_follow_the_runtime(tiny_base, tiny_adapter):
     assert start not in sneaky and tok.convert_tokens_to_ids(RESPOND_TOKEN) not in sneaky
 
 
+def test_refusal_texts_can_be_trained_whole(tiny_base, tiny_adapter):
+    """max_refusal_tokens: refusals keep their whole text and end of turn while answers are cut."""
+    from transformers import AutoTokenizer
+
+    from finetune.data import Record
+    from finetune.train import ChatEncoder, TrainConfig, encode_dataset
+
+    tok = AutoTokenizer.from_pretrained(tiny_adapter)
+    enc = ChatEncoder(tok)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in tokens_for_mode("categorical")}
+    msgs = [{"role": "user", "content": "Tell me about your childhood."}]
+    long_text = "I am a program without a childhood of my own, but I can tell you how children grow up in many places."
+    recs = [Record(msgs, long_text, "Humanizing requests"), Record(msgs, long_text, None)]
+    n_text = len(tok(long_text, add_special_tokens=False).input_ids)
+    assert n_text > 8
+    cut, _ = encode_dataset(enc, recs, ids, TrainConfig(max_answer_tokens=4, max_length=256))
+    whole, _ = encode_dataset(enc, recs, ids, TrainConfig(max_answer_tokens=4, max_refusal_tokens=64, max_length=256))
+    for ex in cut:  # both cut to 4 tokens after the start token, no end of turn
+        assert len(ex.input_ids) - ex.first - 1 == 4
+    refusal, answer = whole
+    assert refusal.input_ids[-len(enc.end_ids):] == enc.end_ids
+    assert len(refusal.input_ids) - refusal.first - 1 == n_text + len(enc.end_ids)
+    assert len(answer.input_ids) - answer.first - 1 == 4
+
+
 def test_fast_forward_equals_peft_forward(tiny_base, tiny_data, tmp_path):
     import torch
 
