@@ -77,6 +77,13 @@ def _engine(model: str | None, threads: int | None, ctx: int | None, gpu: int | 
     )
 
 
+def _calibration_profile(flag: Path | None, settings, has_tokens: bool) -> Path | None:
+    """The profile in effect: --calibration, else config.toml's (which, like its strictness, a plain model ignores)."""
+    if flag is not None:
+        return flag
+    return Path(settings.calibration).expanduser() if settings.calibration and has_tokens else None
+
+
 def _policy(engine, strictness: str | None, threshold: str | None, bias: str | None, mode: str, calibration: Path | None = None):
     from rtlocal.calibration import apply_profile, strictness_mapper
     from rtlocal.models import load_settings
@@ -90,7 +97,7 @@ def _policy(engine, strictness: str | None, threshold: str | None, bias: str | N
     info = engine.refusal
     if not info.present and (strictness or threshold or bias):
         raise RtlocalError(f"{engine.path.name} has no refusal tokens: --strictness/--threshold/--bias do not apply")
-    profile = calibration or (Path(settings.calibration).expanduser() if settings.calibration else None)
+    profile = _calibration_profile(calibration, settings, info.present)
     if profile is not None:
         apply_profile(info, profile, model_name=engine.path.name)
     return build_policy(

@@ -85,15 +85,14 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Measure how a model refuses on labelled prompts: rates, ROC/PR AUC, sweeps, the per-category control check."""
         from rtlocal import evaluate
-        from rtlocal.calibration import load_profile
         from rtlocal.eval_report import load_report
         from rtlocal.judge import load_judge
+        from rtlocal.models import load_settings
 
         options = evaluate.RunOptions(mode=mode, system=system, max_tokens=max_tokens, temperature=temperature, seed=seed)
         if judge and mode != evaluate.GENERATE:
             raise RtlocalError("--judge applies to --mode generate")
         others = [load_report(p) for p in compare or []]
-        profile = load_profile(calibration) if calibration else None
         dataset = evaluate.load_data(data, split=split, limit=limit)
         engine = c._engine(model, threads, ctx, n_gpu_layers)
         judge_obj = None
@@ -104,7 +103,8 @@ def register(app: typer.Typer) -> None:
             out_dir = out or Path(f"eval-{engine.path.stem}-{mode}")
             if label is None:
                 flags = [mode] + [f"{n} {v}" for n, v in (("strictness", strictness), ("threshold", threshold)) if v]
-                label = f"{engine.path.name} ({', '.join(flags + (['calibrated'] if profile is not None else []))})"
+                calibrated = c._calibration_profile(calibration, load_settings(), engine.refusal.present) is not None
+                label = f"{engine.path.name} ({', '.join(flags + (['calibrated'] if calibrated else []))})"
             print(f"eval: {engine.path.name}, {len(dataset.items)} prompts ({', '.join(dataset.splits)}), {mode} -> {out_dir}", file=sys.stderr)
             bar = _ProgressBar("eval")
             try:

@@ -197,7 +197,7 @@ def test_eval_with_a_profile_gives_presets_their_measured_meaning(tiny_gguf, val
     assert report["model"]["calibration"]
 
 
-def test_generate_and_chat_take_a_profile(tiny_gguf, tiny_plain_gguf, validation, tmp_path, capsys):
+def test_generate_and_chat_take_a_profile(tiny_gguf, tiny_plain_gguf, validation, tmp_path, capsys, monkeypatch):
     profile = tmp_path / "p.json"
     assert run_cli(["calibrate", str(tiny_gguf), "--data", str(validation), "--profile", str(profile), "--ctx", "256"], capsys)[0] == 0
     table = load_profile(profile)
@@ -230,6 +230,18 @@ def test_generate_and_chat_take_a_profile(tiny_gguf, tiny_plain_gguf, validation
     assert rc == 1 and "has no refusal tokens" in error_line(err)
     rc, _, err = run_cli(["chat", "-m", str(tiny_gguf), "--calibration", str(tmp_path / "missing.json"), "--plain"], capsys)
     assert rc == 1 and "no such calibration profile" in error_line(err)
+
+    # the same profile from config.toml: applied to a model with refusal tokens, ignored by a plain one
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.toml").write_text(f'calibration = "{profile}"\n')
+    monkeypatch.setenv("RTLOCAL_HOME", str(home))
+    rc, stdout, err = run_cli(["generate", "-m", str(tiny_gguf), "-s", "lenient", "--json", "-n", "1", "--ctx", "256", "hello"], capsys)
+    assert rc == 0, err
+    assert json.loads(stdout)["thresholds"] == table["presets"]["lenient"]
+    rc, stdout, err = run_cli(["generate", "-m", str(tiny_plain_gguf), "--json", "-n", "1", "--ctx", "256", "hello"], capsys)
+    assert rc == 0, err
+    assert json.loads(stdout)["thresholds"] == {}
 
 
 def test_write_gguf_in_place_is_atomic(tiny_gguf, validation, tmp_path, capsys):
