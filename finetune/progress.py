@@ -43,20 +43,27 @@ def _info_text(info: dict) -> str:
     return " ".join(parts)
 
 
-class LogProgress:
-    """Logs a line about every 10% (and every stage); shows nothing by itself."""
+class _Timed:
+    """What both reporters keep of the job: its name, size, starting point and start time."""
 
-    def __init__(self, logger: logging.Logger | None = None):
-        self.log = logger or log
+    def __init__(self) -> None:
+        self.description = ""
         self.total: int | None = None
+        self.initial = 0
         self.t0 = time.perf_counter()
         self.next_mark = 0.0
-        self.description = ""
-        self.initial = 0
 
     def start(self, description: str, total: int | None, initial: int = 0) -> None:
         self.description, self.total, self.initial = description, total, initial
         self.t0, self.next_mark = time.perf_counter(), (initial / total + 0.1 if total else 0.1)
+
+
+class LogProgress(_Timed):
+    """Logs a line about every 10% (and every stage); shows nothing by itself."""
+
+    def __init__(self, logger: logging.Logger | None = None):
+        super().__init__()
+        self.log = logger or log
 
     def update(self, done: int, **info: float | str) -> None:
         if not self.total or done / self.total < self.next_mark and done != self.total:
@@ -73,24 +80,16 @@ class LogProgress:
         pass
 
 
-class BarProgress:
+class BarProgress(_Timed):
     """A one-line bar with ETA, redrawn in place on a terminal (plain lines every 10% otherwise)."""
 
     def __init__(self, stream: TextIO | None = None, width: int = 28):
+        super().__init__()
         self.stream = stream or sys.stderr
         self.width = width
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.total: int | None = None
-        self.description = ""
-        self.initial = 0
-        self.t0 = time.perf_counter()
         self.last_draw = 0.0
-        self.next_mark = 0.0
         self.open_line = False
-
-    def start(self, description: str, total: int | None, initial: int = 0) -> None:
-        self.description, self.total, self.initial = description, total, initial
-        self.t0, self.next_mark = time.perf_counter(), (initial / total + 0.1 if total else 0.1)
 
     def update(self, done: int, **info: float | str) -> None:
         now = time.perf_counter()
