@@ -24,6 +24,7 @@ from typing import Any
 
 from rtlocal.constants import (
     COCONOT_CATEGORIES,
+    Category,
     RESPOND_TOKEN,
     SINGLE_CATEGORY,
     TokenMode,
@@ -48,6 +49,7 @@ SOURCE_KINDS: dict[str, str] = {
     "chat": "general chat: JSONL or a HF id with `messages` (UltraChat style) or prompt/response",
     "self-instruct": "self-instruct style tasks: instruction, instances[{input, output}]",
     "jsonl": "the record schema: {messages | prompt[, response]}, optional category/subcategory",
+    "harmful": "prompts to refuse for safety concerns: CSV with a Behavior or prompt column (AdvBench, HarmBench) or JSONL with prompt",
 }
 
 
@@ -61,6 +63,9 @@ class Record:
     subcategory: str | None = None
     lookalike: str | None = None  # answered look-alikes: the category they resemble
     source: str = ""  # "file:line" (or "hf-id:index") for error messages
+    type: str | None = None  # contrast pairs: the pair type (finetune.pairs), for leave-one-type-out runs
+    pair: str | None = None  # contrast pairs: the id both sides share
+    forced: bool = False  # the answer-start token is given, not learned: trains only the answer after it
 
     @property
     def prompt(self) -> str:
@@ -80,6 +85,12 @@ class Record:
             out["subcategory"] = self.subcategory
         if self.lookalike:
             out["lookalike"] = self.lookalike
+        if self.type:
+            out["type"] = self.type
+        if self.pair:
+            out["pair"] = self.pair
+        if self.forced:
+            out["forced"] = True
         return out
 
 
@@ -222,7 +233,12 @@ def load_records_jsonl(rows: Iterable[tuple[str, dict[str, Any]]]) -> list[Recor
     out = []
     for where, row in rows:
         msgs, answer = _messages(row, where)
-        out.append(Record(msgs, answer, _category(row.get("category"), where), _sub(row), _category(row.get("lookalike"), where), where))
+        forced = row.get("forced", False)
+        if not isinstance(forced, bool):
+            raise RtlocalError(f"{where}: 'forced' must be true or false")
+        kind, pair = (row.get(k) if isinstance(row.get(k), str) else None for k in ("type", "pair"))
+        cat = _category(row.get("category"), where)
+        out.append(Record(msgs, answer, cat, _sub(row), _category(row.get("lookalike"), where), where, kind, pair, forced))
     return out
 
 
@@ -297,6 +313,8 @@ def load_source(spec: SourceSpec | str) -> list[Record]:
         return load_coconot_contrast(rows)
     if spec.kind == "self-instruct":
         return load_self_instruct(_hub_rows(spec.where, None, "train") if hub else read_jsonl(Path(spec.where)))
+    if spec.kind == "harmful":
+        return [Record([{"role": "user", "content": p}], None, Category.SAFETY.value, None, None, where) for where, p in read_prompts(spec.where)]
     if spec.kind == "chat":
         split = "train_sft" if "ultrachat" in spec.where.lower() else "train"
         return load_records_jsonl(_hub_rows(spec.where, None, split) if hub else read_jsonl(Path(spec.where)))
@@ -369,6 +387,46 @@ def fill_refusals(records: list[Record], templates: dict[str, list[str]], rng: r
     return n
 
 
+# ------------------------------------------------------------------ held-out files
+
+
+def read_prompts(path: Path | str) -> list[tuple[str, str]]:
+    """(`file:line`, prompt) of a prompt file (a validation or test file, or harmful prompts): JSONL with `prompt` (or `messages`), or CSV
+    with a `prompt` or `Behavior` column (HarmBench/AdvBench)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise RtlocalError(f"{path}: no such file")
+    if path.suffix.lower() == ".csv":
+        import csv
+
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            cols = {c.strip().lower(): c for c in reader.fieldnames or []}
+            col = cols.get("prompt") or cols.get("behavior")
+            if col is None:
+                raise RtlocalError(f"{path}: no 'prompt' or 'Behavior' column")
+            return [(f"{path}:{n}", row[col]) for n, row in enumerate(reader, 2) if row.get(col)]
+    out = []
+    for where, row in read_jsonl(path):
+        msgs, _ = _messages(row, where)
+        out.append((where, msgs[-1]["content"]))
+    return out
+
+
+def check_holdout(records: list[Record], holdout: list[str]) -> int:
+    """Fail loudly when a training prompt repeats a held-out prompt (case, punctuation and spacing
+    folded), naming the rows. Returns how many held-out prompts were checked."""
+    from finetune.pairs import find_overlaps
+
+    held = [row for path in holdout for row in read_prompts(path)]
+    hits = find_overlaps([(r.source, r.prompt) for r in records], held, near=None)
+    if hits:
+        shown = "; ".join(f"{h.train} = {h.holdout} ({h.prompt[:60]!r})" for h in hits[:3])
+        more = f" and {len(hits) - 3} more" if len(hits) > 3 else ""
+        raise RtlocalError(f"{len(hits)} training prompt(s) repeat held-out prompts: {shown}{more}")
+    return len(held)
+
+
 # ------------------------------------------------------------------ mixing
 
 
@@ -384,6 +442,8 @@ class DataConfig:
     max_prompt_chars: int = field(default=2000, metadata={"help": "Drop records whose prompt is longer."})
     max_answer_chars: int | None = field(default=None, metadata={"help": "Cut answers at a sentence end under this many characters."})
     refusal_templates: str | None = field(default=None, metadata={"help": "JSON file of refusal texts per category (default: built-in)."})
+    holdout: list[str] = field(default_factory=list, metadata={"help": "Validation/test files (JSONL prompt, CSV prompt/Behavior) no training prompt may repeat: an overlap is an error."})
+    exclude_types: list[str] = field(default_factory=list, metadata={"help": "Drop records of these pair types (leave-one-type-out runs)."})
     seed: int = field(default=0, metadata={"help": "Seed for sampling, templates and the split."})
 
 
@@ -406,7 +466,7 @@ def dedupe(records: list[Record]) -> tuple[list[Record], int]:
     seen: set[str] = set()
     out = []
     for r in records:
-        key = "\x1f".join(f"{m['role']}:{_norm(m['content'])}" for m in r.messages)
+        key = "\x1f".join(f"{m['role']}:{_norm(m['content'])}" for m in r.messages) + ("\x1fforced" if r.forced else "")
         if key in seen:
             continue
         seen.add(key)
@@ -428,9 +488,12 @@ def cut_answer(text: str, max_chars: int) -> str:
 def split_train_val(records: list[Record], fraction: float, rng: random.Random) -> tuple[list[Record], list[Record]]:
     """Stratified by target, so every category appears in validation when it has a few rows."""
     by: dict[str, list[Record]] = defaultdict(list)
-    for r in records:
-        by[r.target].append(r)
     train, val = [], []
+    for r in records:
+        if r.forced:  # validation scores the first-token decision, which forced records do not train
+            train.append(r)
+        else:
+            by[r.target].append(r)
     for key in sorted(by):
         rows = by[key][:]
         rng.shuffle(rows)
@@ -479,6 +542,7 @@ def build_dataset(config: DataConfig) -> Dataset:
     rng = random.Random(config.seed)
     specs = [parse_source(s) for s in config.sources]
     loaded: list[tuple[SourceSpec, list[Record]]] = []
+    stats: Counter[str] = Counter()
     sources_info = []
     for spec in specs:
         recs = load_source(spec)
@@ -486,10 +550,13 @@ def build_dataset(config: DataConfig) -> Dataset:
             raise RtlocalError(f"data source {spec}: no records (an empty dataset)")
         loaded.append((spec, recs))
         sources_info.append({"spec": str(spec), "sha256": source_hash(spec), "rows": len(recs)})
+    if config.exclude_types:
+        for _, recs in loaded:
+            recs[:] = [r for r in recs if r.type not in config.exclude_types]
     everything = [r for _, recs in loaded for r in recs]
+    stats["holdout_checked"] = check_holdout(everything, config.holdout) if config.holdout else 0
     categories = label_records(everything, config.mode, config.categories)
     templates = load_refusal_templates(Path(config.refusal_templates) if config.refusal_templates else None)
-    stats: Counter[str] = Counter()
     for spec, recs in loaded:
         kept = [r for r in recs if len(r.prompt) <= config.max_prompt_chars]
         stats["dropped_long_prompt"] += len(recs) - len(kept)

@@ -75,6 +75,8 @@ class TrainConfig:
     )
     max_prompt_chars: int = field(default=2000, metadata={"help": "Drop prompts longer than this many characters."})
     refusal_templates: str | None = field(default=None, metadata={"help": "JSON of refusal texts per category (default: built-in)."})
+    holdout: list[str] = field(default_factory=list, metadata={"help": "Validation/test files no training prompt may repeat (an overlap is an error)."})
+    exclude_types: list[str] = field(default_factory=list, metadata={"help": "Leave these contrast-pair types out (leave-one-type-out runs)."})
     # Optimisation
     epochs: float = field(default=2.0, metadata={"help": "Passes over the training data (fractions allowed)."})
     max_steps: int | None = field(default=None, metadata={"help": "Stop after this many optimizer steps (wins over epochs)."})
@@ -154,6 +156,8 @@ class TrainConfig:
             balance=self.balance,
             max_prompt_chars=self.max_prompt_chars,
             refusal_templates=self.refusal_templates,
+            holdout=list(self.holdout),
+            exclude_types=list(self.exclude_types),
             seed=self.seed,
         )
 
@@ -238,7 +242,7 @@ class ChatEncoder:
         if len(tail) > limit:
             tail = answer[: min(room, max_answer_tokens)]  # cut: no end-of-turn, so no early stop is learned
         ids = prompt + [start_id] + tail
-        labels = [IGNORE] * len(prompt) + [start_id] + tail
+        labels = [IGNORE] * len(prompt) + [IGNORE if record.forced else start_id] + tail
         return Example(ids, labels, len(prompt), record.target)
 
 
@@ -286,7 +290,7 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, Any]:
         ids[i, :k] = torch.tensor(e.input_ids)
         mask[i, :k] = 1
         labels[i, :k] = torch.tensor(e.labels)
-        first[i, e.first] = True
+        first[i, e.first] = e.labels[e.first] != IGNORE  # a forced start token is not the decision
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "first": first}
 
 
