@@ -14,6 +14,7 @@ from pathlib import Path
 from finetune.data import load_source, parse_source, write_records
 from finetune.progress import LogProgress, Progress
 from rtlocal.errors import RtlocalError
+from rtlocal.judge import StringMatchJudge
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,7 @@ class DistillResult:
     path: Path
     answered: int
     kept: int  # records written unchanged (already answered, or refusals)
+    dropped: int = 0  # answers the judge called refusals (with drop_refusals)
 
 
 def distill(
@@ -37,6 +39,8 @@ def distill(
     overwrite: bool = False,
     threads: int | None = None,
     n_ctx: int = 2048,
+    system: str | None = None,
+    drop_refusals: bool = False,
     progress: Progress | None = None,
 ) -> DistillResult:
     """Answer every unanswered, to-be-answered prompt of `source` with `model` (default: the default base GGUF).
@@ -49,6 +53,9 @@ def distill(
         temperature: 0 = greedy (reproducible).
         limit: answer at most this many prompts (the rest are written unchanged).
         overwrite: also re-answer prompts that already have an answer.
+        system: a system prompt used while answering only (it is not written with the record).
+        drop_refusals: leave out records whose new answer the string-match judge calls a refusal
+            (an answer to train after `[respond]` must not be one).
     """
     from rtlocal.engine import Engine, SamplingParams
     from rtlocal.policy import Mode, Policy
@@ -75,17 +82,22 @@ def distill(
     engine = Engine(model, n_ctx=n_ctx, n_threads=threads)
     policy = Policy(mode=Mode.FREE)  # the base has no refusal tokens: plain generation
     sampling = SamplingParams(temperature=temperature, seed=seed)
+    judge = StringMatchJudge() if drop_refusals else None
+    dropped: set[int] = set()
+    head = [Message("system", system)] if system else []
     progress.start("distilling", len(todo))
     try:
         for i, r in enumerate(todo, 1):
-            msgs = [Message(m["role"], m["content"]) for m in r.messages]
+            msgs = head + [Message(m["role"], m["content"]) for m in r.messages]
             r.answer = _answer(engine, msgs, policy, sampling, max_tokens)
+            if judge is not None and (not r.answer or judge(r.prompt, r.answer)[0]):
+                dropped.add(id(r))
             progress.update(i)
     finally:
         progress.finish()
         engine.close()
-    n = write_records(records, out)
-    return DistillResult(out, len(todo), n - len(todo))
+    n = write_records([r for r in records if id(r) not in dropped], out)
+    return DistillResult(out, len(todo) - len(dropped), n - len(todo) + len(dropped), len(dropped))
 
 
 def _answer(engine, messages, policy, sampling, max_tokens: int) -> str:

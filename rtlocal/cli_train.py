@@ -144,10 +144,16 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
         limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Answer at most N prompts.")] = None,
         overwrite: Annotated[bool, typer.Option("--overwrite", help="Re-answer prompts that have an answer.")] = False,
         threads: Annotated[Optional[int], typer.Option("--threads", min=1)] = None,
+        system: Annotated[Optional[str], typer.Option("--system", help="System prompt while answering (not written to the records).")] = None,
+        drop_refusals: Annotated[bool, typer.Option("--drop-refusals", help="Leave out records whose answer the string-match judge calls a refusal.")] = False,
     ) -> None:
         """Answer prompts that have no answer with the base model itself (self-distillation, via llama.cpp)."""
         from finetune.distill import distill
         from finetune.progress import BarProgress
 
-        r = distill(source, out, model=model, max_tokens=max_tokens, temperature=temperature, limit=limit, overwrite=overwrite, threads=threads, progress=BarProgress())
-        print(f"wrote {r.path}: {r.answered} answered, {r.kept} unchanged")
+        r = distill(
+            source, out, model=model, max_tokens=max_tokens, temperature=temperature, limit=limit, overwrite=overwrite,
+            threads=threads, system=system, drop_refusals=drop_refusals, progress=BarProgress(),
+        )
+        dropped = f", {r.dropped} dropped as refusals" if drop_refusals else ""
+        print(f"wrote {r.path}: {r.answered} answered, {r.kept} unchanged{dropped}")
