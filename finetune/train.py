@@ -53,6 +53,20 @@ _DESCRIPTIONS = {
 _FAST_TYPES = {"llama", "qwen2", "mistral"}
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast(device: str, precision: str) -> Any:
+    """The context the forward pass runs in: bf16 autocast, or nothing (fp32). The weights stay fp32."""
+    import contextlib
+
+    import torch
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda" if device == "cuda" else "cpu", dtype=torch.bfloat16)
+
+
 @dataclass
 class TrainConfig:
     """Everything a fine-tuning run needs; the CLI flags and recipes fill it."""
@@ -76,6 +90,7 @@ class TrainConfig:
     max_prompt_chars: int = field(default=2000, metadata={"help": "Drop prompts longer than this many characters."})
     refusal_templates: str | None = field(default=None, metadata={"help": "JSON of refusal texts per category (default: built-in)."})
     holdout: list[str] = field(default_factory=list, metadata={"help": "Validation/test files no training prompt may repeat (an overlap is an error)."})
+    holdout_near: float | None = field(default=None, metadata={"help": "Also drop training prompts whose words mostly repeat a held-out prompt's (0-1; None: exact repeats only)."})
     exclude_types: list[str] = field(default_factory=list, metadata={"help": "Leave these contrast-pair types out (leave-one-type-out runs)."})
     # Optimisation
     epochs: float = field(default=2.0, metadata={"help": "Passes over the training data (fractions allowed)."})
@@ -95,6 +110,7 @@ class TrainConfig:
     # Run
     seed: int = field(default=0, metadata={"help": "Seed for data order, templates and initialisation."})
     device: str = field(default="auto", metadata={"help": "auto (CUDA, then MPS, then CPU), cpu, cuda or mps."})
+    precision: str = field(default="fp32", metadata={"help": "fp32, or bf16 autocast of the matrix products (CPUs with AVX512-BF16/AMX, recent GPUs).", "choices": list(PRECISIONS)})
     threads: int | None = field(default=None, metadata={"help": "CPU threads for torch (default: the idle cores, at least 1)."})
     save_every: int = field(default=50, metadata={"help": "Write a checkpoint every N steps (0: only on Ctrl-C)."})
     log_every: int = field(default=10, metadata={"help": "Record the training loss every N steps."})
@@ -123,6 +139,7 @@ class TrainConfig:
         need(self.token_init in TOKEN_INITS, "token_init", f"must be one of {', '.join(TOKEN_INITS)}")
         need(self.first_token_weight > 0, "first_token_weight", "must be > 0")
         need(self.device in ("auto", "cpu", "cuda", "mps"), "device", "must be auto, cpu, cuda or mps")
+        need(self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}")
         need(self.threads is None or self.threads >= 1, "threads", "must be >= 1")
         need(self.save_every >= 0, "save_every", "must be >= 0")
         need(self.log_every >= 1, "log_every", "must be >= 1")
@@ -157,6 +174,7 @@ class TrainConfig:
             max_prompt_chars=self.max_prompt_chars,
             refusal_templates=self.refusal_templates,
             holdout=list(self.holdout),
+            holdout_near=self.holdout_near,
             exclude_types=list(self.exclude_types),
             seed=self.seed,
         )
@@ -592,7 +610,8 @@ def evaluate(prep: Prepared, fwd: Forward, batch_size: int = 16) -> dict[str, An
         for k in range(0, len(prep.val), batch_size):
             chunk = prep.val[k : k + batch_size]
             batch = _to(collate(chunk, prep.tokenizer.pad_token_id or 0), prep.device)
-            logits, tgt, is_first = fwd.logits_and_targets(batch)
+            with autocast(prep.device, prep.config.precision):
+                logits, tgt, is_first = fwd.logits_and_targets(batch)
             total += torch.nn.functional.cross_entropy(logits, tgt, reduction="sum").item()
             n += tgt.numel()
             probs = torch.softmax(logits[is_first], -1)[:, start_ids.to(logits.device)].cpu()
@@ -691,7 +710,8 @@ def fit(prep: Prepared, *, progress: Progress | None = None, checkpoint_dir: Pat
             epoch, k = divmod(micro, per_epoch)
             batch_ix = make_batches(prep.train, config.batch_size, config.seed, epoch)[k]
             batch = _to(collate([prep.train[i] for i in batch_ix], pad), prep.device)
-            loss, info = fwd.loss(batch)
+            with autocast(prep.device, config.precision):
+                loss, info = fwd.loss(batch)
             (loss / config.grad_accum).backward()
             micro += 1
             state["tokens"] += int(batch["attention_mask"].sum())

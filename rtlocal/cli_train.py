@@ -75,6 +75,7 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
         val_fraction: Annotated[Optional[float], typer.Option("--val-fraction", help="Share held out for validation.")] = None,
         seed: Annotated[Optional[int], typer.Option("--seed")] = None,
         device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or mps.")] = None,
+        precision: Annotated[Optional[str], typer.Option("--precision", help="fp32 or bf16 (autocast of the matrix products).")] = None,
         threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch.", min=1)] = None,
         save_every: Annotated[Optional[int], typer.Option("--save-every", help="Checkpoint every N steps (0: only on Ctrl-C).")] = None,
         resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint in --out.")] = False,
@@ -90,8 +91,8 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
             base=base, output_dir=str(out), data=data or None, mode=mode, epochs=epochs, max_steps=max_steps,
             batch_size=batch_size, grad_accum=grad_accum, learning_rate=lr, token_learning_rate=token_lr, lora_r=lora_r,
             first_token_weight=first_token_weight, balance=balance, token_init=token_init, max_length=max_length,
-            max_answer_tokens=max_answer_tokens, max_refusal_tokens=max_refusal_tokens, val_fraction=val_fraction, seed=seed, device=device, threads=threads,
-            save_every=save_every, resume=resume or None,
+            max_answer_tokens=max_answer_tokens, max_refusal_tokens=max_refusal_tokens, val_fraction=val_fraction, seed=seed, device=device, precision=precision,
+            threads=threads, save_every=save_every, resume=resume or None,
         )
         cfg = _config(recipe, config, flags)
         if not cfg.base:
@@ -116,6 +117,8 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
         epochs: Annotated[Optional[float], typer.Option("--epochs")] = None,
         max_steps: Annotated[Optional[int], typer.Option("--max-steps")] = None,
         seed: Annotated[Optional[int], typer.Option("--seed")] = None,
+        precision: Annotated[Optional[str], typer.Option("--precision", help="fp32 or bf16 (autocast of the matrix products).")] = None,
+        exclude_types: Annotated[Optional[list[str]], typer.Option("--exclude-types", help="Leave these contrast-pair types out (leave-one-type-out runs).")] = None,
         threads: Annotated[Optional[int], typer.Option("--threads", min=1)] = None,
         work_dir: Annotated[Optional[Path], typer.Option("--work-dir", help="Where the adapter goes (default: the cache dir).")] = None,
         force: Annotated[bool, typer.Option("--force", help="Replace an existing model of that name.")] = False,
@@ -126,7 +129,10 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
         from finetune.build import build_recipe
         from finetune.progress import BarProgress
 
-        overrides = _train_options(base=base, data=data or None, epochs=epochs, max_steps=max_steps, seed=seed, threads=threads, resume=resume or None)
+        overrides = _train_options(
+            base=base, data=data or None, epochs=epochs, max_steps=max_steps, seed=seed, precision=precision,
+            exclude_types=exclude_types or None, threads=threads, resume=resume or None,
+        )
         try:
             r = build_recipe(recipe, name=name, overrides=overrides, out_type=out_type, work_dir=work_dir, force=force, progress=BarProgress())
         except KeyboardInterrupt:

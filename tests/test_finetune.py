@@ -146,6 +146,30 @@ def test_fast_forward_equals_peft_forward(tiny_base, tiny_data, tmp_path):
     assert torch.allclose(fast, slow, atol=1e-5)
 
 
+def test_bf16_autocast_parity(tiny_base, tiny_data, tmp_path):
+    """bf16 autocast keeps the loss and its gradients close to fp32 (bounds, not equality: CPUs differ)."""
+    import torch
+
+    from finetune.train import Forward, _trainable, autocast, collate, prepare
+
+    prep = prepare(tiny_config(tiny_base, tiny_data, tmp_path / "o", precision="bf16"))
+    fwd = Forward(prep.model, 3.0)
+    batch = collate(prep.train, 0)
+
+    def loss_and_grad(precision: str) -> tuple[float, torch.Tensor]:
+        prep.model.zero_grad(set_to_none=True)
+        with autocast(prep.device, precision):
+            loss, _ = fwd.loss(batch)
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for _, p in _trainable(prep.model) if p.grad is not None])
+        return loss.item(), grads
+
+    l32, g32 = loss_and_grad("fp32")
+    l16, g16 = loss_and_grad("bf16")
+    assert abs(l16 - l32) / l32 < 0.02
+    assert torch.nn.functional.cosine_similarity(g16, g32, dim=0) > 0.98
+
+
 def test_interrupt_saves_and_resume_finishes(tiny_base, tiny_data, tmp_path):
     from finetune.progress import LogProgress
     from finetune.train import train
