@@ -413,18 +413,21 @@ def read_prompts(path: Path | str) -> list[tuple[str, str]]:
     return out
 
 
-def check_holdout(records: list[Record], holdout: list[str]) -> int:
+def check_holdout(records: list[Record], holdout: list[str], *, near: float | None = None) -> tuple[int, set[int]]:
     """Fail loudly when a training prompt repeats a held-out prompt (case, punctuation and spacing
-    folded), naming the rows. Returns how many held-out prompts were checked."""
+    folded), naming the rows. Returns how many held-out prompts were checked, and with `near` the
+    ids of records that nearly repeat one (most words shared: see finetune.pairs.find_overlaps)."""
     from finetune.pairs import find_overlaps
 
     held = [row for path in holdout for row in read_prompts(path)]
-    hits = find_overlaps([(r.source, r.prompt) for r in records], held, near=None)
-    if hits:
-        shown = "; ".join(f"{h.train} = {h.holdout} ({h.prompt[:60]!r})" for h in hits[:3])
-        more = f" and {len(hits) - 3} more" if len(hits) > 3 else ""
-        raise RtlocalError(f"{len(hits)} training prompt(s) repeat held-out prompts: {shown}{more}")
-    return len(held)
+    keyed = [(str(i), r.prompt) for i, r in enumerate(records)]
+    hits = find_overlaps(keyed, held, near=near)
+    exact = [h for h in hits if not h.near]
+    if exact:
+        shown = "; ".join(f"{records[int(h.train)].source} = {h.holdout} ({h.prompt[:60]!r})" for h in exact[:3])
+        more = f" and {len(exact) - 3} more" if len(exact) > 3 else ""
+        raise RtlocalError(f"{len(exact)} training prompt(s) repeat held-out prompts: {shown}{more}")
+    return len(held), {id(records[int(h.train)]) for h in hits}
 
 
 # ------------------------------------------------------------------ mixing
@@ -443,6 +446,7 @@ class DataConfig:
     max_answer_chars: int | None = field(default=None, metadata={"help": "Cut answers at a sentence end under this many characters."})
     refusal_templates: str | None = field(default=None, metadata={"help": "JSON file of refusal texts per category (default: built-in)."})
     holdout: list[str] = field(default_factory=list, metadata={"help": "Validation/test files (JSONL prompt, CSV prompt/Behavior) no training prompt may repeat: an overlap is an error."})
+    holdout_near: float | None = field(default=None, metadata={"help": "Also drop training prompts this close to a held-out one (share of the smaller prompt's words; None: exact repeats only)."})
     exclude_types: list[str] = field(default_factory=list, metadata={"help": "Drop records of these pair types (leave-one-type-out runs)."})
     seed: int = field(default=0, metadata={"help": "Seed for sampling, templates and the split."})
 
@@ -554,7 +558,12 @@ def build_dataset(config: DataConfig) -> Dataset:
         for _, recs in loaded:
             recs[:] = [r for r in recs if r.type not in config.exclude_types]
     everything = [r for _, recs in loaded for r in recs]
-    stats["holdout_checked"] = check_holdout(everything, config.holdout) if config.holdout else 0
+    if config.holdout:
+        stats["holdout_checked"], near = check_holdout(everything, config.holdout, near=config.holdout_near)
+        for _, recs in loaded:
+            recs[:] = [r for r in recs if id(r) not in near]
+        stats["dropped_near_holdout"] = len(near)
+        everything = [r for _, recs in loaded for r in recs]
     categories = label_records(everything, config.mode, config.categories)
     templates = load_refusal_templates(Path(config.refusal_templates) if config.refusal_templates else None)
     for spec, recs in loaded:
