@@ -50,6 +50,7 @@ SOURCE_KINDS: dict[str, str] = {
     "self-instruct": "self-instruct style tasks: instruction, instances[{input, output}]",
     "jsonl": "the record schema: {messages | prompt[, response]}, optional category/subcategory",
     "harmful": "prompts to refuse for safety concerns: CSV with a Behavior or prompt column (AdvBench, HarmBench) or JSONL with prompt",
+    "pairs": "contrast pairs generated from item tables (finetune.pairs); WHERE: about how many pairs, optionally @ITEMS.json (default: the built-in tables); the answered side trains the decision only",
 }
 
 
@@ -66,6 +67,7 @@ class Record:
     type: str | None = None  # contrast pairs: the pair type (finetune.pairs), for leave-one-type-out runs
     pair: str | None = None  # contrast pairs: the id both sides share
     forced: bool = False  # the answer-start token is given, not learned: trains only the answer after it
+    decision_only: bool = False  # no answer text: trains only the answer-start token (the decision)
 
     @property
     def prompt(self) -> str:
@@ -91,6 +93,8 @@ class Record:
             out["pair"] = self.pair
         if self.forced:
             out["forced"] = True
+        if self.decision_only:
+            out["decision_only"] = True
         return out
 
 
@@ -233,12 +237,12 @@ def load_records_jsonl(rows: Iterable[tuple[str, dict[str, Any]]]) -> list[Recor
     out = []
     for where, row in rows:
         msgs, answer = _messages(row, where)
-        forced = row.get("forced", False)
-        if not isinstance(forced, bool):
-            raise RtlocalError(f"{where}: 'forced' must be true or false")
+        forced, decision_only = row.get("forced", False), row.get("decision_only", False)
+        if not isinstance(forced, bool) or not isinstance(decision_only, bool):
+            raise RtlocalError(f"{where}: 'forced' and 'decision_only' must be true or false")
         kind, pair = (row.get(k) if isinstance(row.get(k), str) else None for k in ("type", "pair"))
         cat = _category(row.get("category"), where)
-        out.append(Record(msgs, answer, cat, _sub(row), _category(row.get("lookalike"), where), where, kind, pair, forced))
+        out.append(Record(msgs, answer, cat, _sub(row), _category(row.get("lookalike"), where), where, kind, pair, forced, decision_only))
     return out
 
 
@@ -283,6 +287,27 @@ def load_self_instruct(rows: Iterable[tuple[str, dict[str, Any]]]) -> list[Recor
     return out
 
 
+def load_pairs(where: str) -> list[Record]:
+    """`N[@ITEMS.json]`: about N contrast pairs expanded from the item tables (seed 0). The refused
+    side gets a category template; the answered side has no written answer, so only its decision
+    (`[respond]`) is trained: the first-token ranking is what the pairs are for."""
+    from finetune.pairs import ITEMS_FILE, expand, load_pair_types
+
+    count, _, items = where.partition("@")
+    try:
+        n = int(count)
+    except ValueError:
+        raise RtlocalError(f"pairs:{where}: expected pairs:N or pairs:N@ITEMS.json (N a number of pairs)") from None
+    if n < 1:
+        raise RtlocalError(f"pairs:{where}: N must be at least 1")
+    out = []
+    for p in expand(load_pair_types(Path(items) if items else ITEMS_FILE), n=n, seed=0):
+        where_p = f"pairs:{p.id}"
+        out.append(Record([{"role": "user", "content": p.refuse_prompt}], None, p.category, p.type, None, where_p, p.type, p.id))
+        out.append(Record([{"role": "user", "content": p.answer_prompt}], None, None, p.type, p.category, where_p, p.type, p.id, decision_only=True))
+    return out
+
+
 def load_builtin(part: str = "all") -> list[Record]:
     """The built-in offline set: refusals, answered look-alikes and ordinary tasks."""
     parts = {"refusal": ("refusal.jsonl", load_coconot_refusal), "contrast": ("contrast.jsonl", load_coconot_contrast), "general": ("general.jsonl", load_records_jsonl)}
@@ -313,6 +338,8 @@ def load_source(spec: SourceSpec | str) -> list[Record]:
         return load_coconot_contrast(rows)
     if spec.kind == "self-instruct":
         return load_self_instruct(_hub_rows(spec.where, None, "train") if hub else read_jsonl(Path(spec.where)))
+    if spec.kind == "pairs":
+        return load_pairs(spec.where)
     if spec.kind == "harmful":
         return [Record([{"role": "user", "content": p}], None, Category.SAFETY.value, None, None, where) for where, p in read_prompts(spec.where)]
     if spec.kind == "chat":
@@ -322,10 +349,17 @@ def load_source(spec: SourceSpec | str) -> list[Record]:
 
 
 def source_hash(spec: SourceSpec) -> str:
-    """sha256 of a local source's bytes (the built-in files for `builtin`); the id for hub sources."""
+    """sha256 of a local source's bytes (the built-in files for `builtin`, the item tables and the
+    generator for `pairs`); the id for hub sources."""
     h = hashlib.sha256()
     if spec.kind == "builtin":
         files = sorted(BUILTIN_DIR.glob("*.json*"))
+    elif spec.kind == "pairs":
+        from finetune import pairs
+
+        count, _, items = spec.where.partition("@")
+        h.update(count.encode())
+        files = [Path(items) if items else pairs.ITEMS_FILE, Path(pairs.__file__)]
     elif _is_hub_id(spec.where):
         return f"hub:{spec.where}"
     else:
@@ -559,10 +593,13 @@ def build_dataset(config: DataConfig) -> Dataset:
             recs[:] = [r for r in recs if r.type not in config.exclude_types]
     everything = [r for _, recs in loaded for r in recs]
     if config.holdout:
+        from finetune.pairs import item_key
+
         stats["holdout_checked"], near = check_holdout(everything, config.holdout, near=config.holdout_near)
+        items = {item_key(r.pair) for r in everything if id(r) in near and r.pair}  # a pair item goes in every frame
         for _, recs in loaded:
-            recs[:] = [r for r in recs if id(r) not in near]
-        stats["dropped_near_holdout"] = len(near)
+            recs[:] = [r for r in recs if id(r) not in near and not (r.pair and item_key(r.pair) in items)]
+        stats["dropped_near_holdout"] = len(everything) - sum(len(recs) for _, recs in loaded)
         everything = [r for _, recs in loaded for r in recs]
     categories = label_records(everything, config.mode, config.categories)
     templates = load_refusal_templates(Path(config.refusal_templates) if config.refusal_templates else None)
@@ -573,7 +610,7 @@ def build_dataset(config: DataConfig) -> Dataset:
     unique, stats["duplicates"] = dedupe([r for _, recs in loaded for r in recs])
     keep_ids = {id(r) for r in unique}
     stats["templated_refusals"] = fill_refusals(unique, templates, rng)
-    missing = [r for r in unique if r.category is None and not r.answer]
+    missing = [r for r in unique if r.category is None and not r.answer and not r.decision_only]
     if missing:
         raise RtlocalError(
             f"{missing[0].source}: {len(missing)} prompt(s) to answer have no answer; "

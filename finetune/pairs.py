@@ -81,12 +81,22 @@ class Pair:
     refuse_prompt: str  # the prompt to refuse
     item: int = 0  # the index of its item in the type's table
 
+    @property
+    def item_key(self) -> str:
+        """What every frame of the same item shares: `type-item`."""
+        return item_key(self.id)
+
     def records(self) -> list[dict[str, Any]]:
         """The two sides in the record schema of finetune.data (the answered side still unanswered)."""
         return [
             {"prompt": self.refuse_prompt, "category": self.category, "subcategory": self.type, "type": self.type, "pair": self.id},
             {"prompt": self.answer_prompt, "lookalike": self.category, "subcategory": self.type, "type": self.type, "pair": self.id},
         ]
+
+
+def item_key(pair_id: str) -> str:
+    """`homonyms-004-07` (type, item, frame) -> `homonyms-004`: the same item in any frame."""
+    return pair_id.rsplit("-", 1)[0]
 
 
 def load_pair_types(path: Path = ITEMS_FILE) -> dict[str, PairType]:
@@ -168,7 +178,7 @@ def expand(types: dict[str, PairType], *, n: int, seed: int = 0, exclude_types: 
             if key in seen:
                 continue
             seen.add(key)
-            pairs.append(Pair(f"{name}-{k:04d}", name, t.category, a, r, i))
+            pairs.append(Pair(f"{name}-{i:03d}-{f:02d}", name, t.category, a, r, i))
             k += 1
     return pairs
 
@@ -218,10 +228,9 @@ def filter_holdout(pairs: list[Pair], holdout: list[str], *, near: float = 0.8) 
     from finetune.data import read_prompts
 
     held = [row for path in holdout for row in read_prompts(path)]
-    by_id = {p.id: p for p in pairs}
     sides = [(p.id, text) for p in pairs for text in (p.answer_prompt, p.refuse_prompt)]
-    bad_items = {(by_id[o.train].type, by_id[o.train].item) for o in find_overlaps(sides, held, near=near)}
-    kept = [p for p in pairs if (p.type, p.item) not in bad_items]
+    bad_items = {item_key(o.train) for o in find_overlaps(sides, held, near=near)}
+    kept = [p for p in pairs if p.item_key not in bad_items]
     return kept, len(pairs) - len(kept)
 
 

@@ -84,19 +84,23 @@ def _builtin_only_config(base: str | None = None) -> TrainConfig:
 
 
 def _default_config(base: str | None = None) -> TrainConfig:
-    # Each source's weight sets its share of the ~2,900 examples one 20-minute CPU run can afford.
+    # One pass over a weighted sample: each source's weight sets its share of the ~3,000 examples a
+    # 20-minute run on 2 CPU cores affords (bench/RESULTS.md). The pairs' answered sides train the
+    # decision only; answers after [respond] come from CoCoNot's `chosen`, the built-in look-alikes and
+    # tasks, self-instruct, and the forced answers to non-safety refusal prompts.
     return replace(
         _builtin_only_config(base),
         data=[
-            "builtin",
-            f"jsonl:{BUILTIN / 'pairs.jsonl'}*0.35",
-            f"jsonl:{BUILTIN / 'forced.jsonl'}*0.5",
+            "builtin*0.5",
+            "pairs:2400*0.2",
+            f"jsonl:{BUILTIN / 'forced.jsonl'}",
             f"coconot-refusal:{THIRDPARTY / 'coconot' / 'refusal_train.jsonl'}",
-            f"coconot-contrast:{THIRDPARTY / 'coconot' / 'contrast_train.jsonl'}*0.5",
-            f"harmful:{THIRDPARTY / 'harmful' / 'advbench_behaviors.csv'}*0.3",
-            f"self-instruct:{THIRDPARTY / 'self-instruct' / 'self_instruct_seed_tasks.jsonl'}*0.5",
+            f"coconot-contrast:{THIRDPARTY / 'coconot' / 'contrast_train.jsonl'}*0.4",
+            f"harmful:{THIRDPARTY / 'harmful' / 'advbench_behaviors.csv'}*0.2",
+            f"self-instruct:{THIRDPARTY / 'self-instruct' / 'self_instruct_seed_tasks.jsonl'}*0.25",
         ],
         holdout_near=0.8,  # near-copies of a validation or test prompt are left out, not only exact repeats
+        balance=0.25,
         epochs=1.0,
         learning_rate=1e-3,
     )

@@ -255,7 +255,7 @@ class ChatEncoder:
         if room < 0:
             return None
         answer = self._tokenize(record.answer or "", False)
-        tail = answer + self.end_ids
+        tail = [] if record.decision_only else answer + self.end_ids
         limit = min(room, max_answer_tokens + len(self.end_ids))
         if len(tail) > limit:
             tail = answer[: min(room, max_answer_tokens)]  # cut: no end-of-turn, so no early stop is learned

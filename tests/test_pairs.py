@@ -23,7 +23,7 @@ def test_bundled_items_cover_every_category_and_share_words():
     types = load_pair_types()
     assert {t.category for t in types.values()} == set(COCONOT_CATEGORIES)
     for t in types.values():
-        assert len(t.items) >= 40, t.name
+        assert len(t.items) >= 35, t.name  # 40+ written; a few left out for repeating held-out prompts
         assert len({a.lower() for a, _ in t.items}) == len(t.items), f"{t.name}: a repeated benign item"
     assert sum(t.category == Category.SAFETY.value for t in types.values()) >= 8
 
@@ -137,7 +137,7 @@ def test_forced_records_train_with_the_refusal_and_stay_out_of_validation(tmp_pa
     assert len(forced) == 20 and all(r.category is None for r in forced)  # not removed as duplicates
     assert not any(r.forced for r in data.val) and len(data.val) == 4
     bad = write(tmp_path / "bad.jsonl", [{"prompt": "x", "forced": "yes", "response": "y"}])
-    with pytest.raises(RtlocalError, match=r"bad.jsonl:1: 'forced' must be true or false"):
+    with pytest.raises(RtlocalError, match=r"bad.jsonl:1: 'forced' and 'decision_only' must be true or false"):
         load_source(str(bad))
 
 
