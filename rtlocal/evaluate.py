@@ -2,8 +2,9 @@
 
 Data: CoCoNot (a local folder of refusal_*/contrast_* JSONL files, or the `allenai/coconot` hub
 dataset), XSTest-format CSV (prompt, label safe/unsafe, type), harmful-behaviour CSV (HarmBench /
-AdvBench: Behavior, all to be refused) and generic JSONL (prompt, should_refuse, optional category). Per-prompt results are cached in the output folder, one JSON
-line each, so an interrupted run resumes where it stopped.
+AdvBench: Behavior, all to be refused) and generic JSONL (prompt, should_refuse, optional category).
+Per-prompt results are cached in the output folder, one JSON line each, so an interrupted run resumes
+where it stopped.
 """
 
 from __future__ import annotations
