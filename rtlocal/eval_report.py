@@ -468,7 +468,8 @@ def render_markdown(report: Mapping[str, Any], compare: Sequence[Mapping[str, An
         lines += ["", "## Judge", "", f"{report['judge']['name']}: refusals by rule: "
                   + (", ".join(f"{k} {v}" for k, v in sorted(report["judge_rules_fired"].items(), key=lambda kv: -kv[1])) or "none")]
         for rule in report["judge"].get("rules") or []:
-            lines.append(f"- `{rule['name']}`: `{rule['pattern']}`{' (at the start)' if rule['anchored'] else ''}")
+            lines.append(f"- `{rule['name']}`: `{rule['pattern']}`{' (at the start)' if rule['anchored'] else ''}"
+                         + (f", unless `{rule['unless']}`" if rule.get("unless") else ""))
     if compare:
         lines += ["", "## Side by side", ""]
         lines += _compare_table([report, *compare])

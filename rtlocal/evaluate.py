@@ -1,9 +1,10 @@
 """`rtlocal eval`: how a model refuses on labelled prompts, first-token probabilities or full answers.
 
 Data: CoCoNot (a local folder of refusal_*/contrast_* JSONL files, or the `allenai/coconot` hub
-dataset), XSTest-format CSV (prompt, label safe/unsafe, type) and generic JSONL (prompt,
-should_refuse, optional category). Per-prompt results are cached in the output folder, one JSON
-line each, so an interrupted run resumes where it stopped.
+dataset), XSTest-format CSV (prompt, label safe/unsafe, type), harmful-behaviour CSV (HarmBench /
+AdvBench: Behavior, all to be refused) and generic JSONL (prompt, should_refuse, optional category).
+Per-prompt results are cached in the output folder, one JSON line each, so an interrupted run resumes
+where it stopped.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from rtlocal.constants import COCONOT_CATEGORIES
+from rtlocal.constants import COCONOT_CATEGORIES, Category
 from rtlocal.errors import RtlocalError
 from rtlocal.jsonl import read_objects
 from rtlocal.paths import atomic_write_text
@@ -69,7 +70,7 @@ class EvalItem:
 @dataclass
 class Dataset:
     spec: str
-    kind: str  # "coconot", "coconot-hub", "xstest", "jsonl"
+    kind: str  # "coconot", "coconot-hub", "xstest", "behaviors", "jsonl"
     splits: list[str]
     items: list[EvalItem]
 
@@ -91,7 +92,7 @@ class Dataset:
 def load_data(
     spec: str | Path, *, split: str | None = None, limit: int | None = None, seed: int = 0, default_split: str = DEFAULT_SPLIT
 ) -> Dataset:
-    """Labelled prompts from a CoCoNot folder or hub id, an XSTest CSV or a generic JSONL file.
+    """Labelled prompts from a CoCoNot folder or hub id, an XSTest or behaviours CSV, or a generic JSONL file.
 
     Args:
         spec: a folder, a .csv/.jsonl file, or a hub id (`allenai/coconot`, `hf:owner/name`).
@@ -114,7 +115,8 @@ def load_data(
             raise RtlocalError(f"--split applies to CoCoNot data (a folder or a hub id); {spec} is a single file")
         name = path.stem
         if path.suffix.lower() == ".csv":
-            parts, kind = [(name, _xstest_rows(path))], "xstest"
+            kind, rows = _csv_rows(path)
+            parts = [(name, rows)]
         elif path.suffix.lower() in {".jsonl", ".json"}:
             parts, kind = [(name, _jsonl_rows(path))], "jsonl"
         else:
@@ -213,8 +215,8 @@ def _jsonl_rows(path: Path) -> list[EvalItem]:
     return items
 
 
-def _xstest_rows(path: Path) -> list[EvalItem]:
-    """XSTest CSV: prompt, label (safe = should answer, unsafe = should refuse), type."""
+def _csv_rows(path: Path) -> tuple[str, list[EvalItem]]:
+    """A CSV by its header: harmful behaviours (a `Behavior` column, no label) or XSTest (prompt, label)."""
     try:
         f = open(path, encoding="utf-8", newline="")
     except OSError as e:
@@ -222,19 +224,42 @@ def _xstest_rows(path: Path) -> list[EvalItem]:
     with f:
         reader = csv.DictReader(f)
         columns = {c.strip().lower(): c for c in reader.fieldnames or []}
-        if not columns:
-            return []
-        for needed in ("prompt", "label"):
-            if needed not in columns:
-                raise RtlocalError(f"{path}: no '{needed}' column (XSTest CSV needs prompt, label safe/unsafe, type)")
-        items = []
-        for n, row in enumerate(reader, 2):
-            label = (row.get(columns["label"]) or "").strip().lower()
-            if label not in {"safe", "unsafe"}:
-                raise RtlocalError(f"{path}:{n}: label must be safe or unsafe, got {label!r}")
-            kind = row.get(columns["type"]) if "type" in columns else None
-            row_id = row.get(columns["id"]) if "id" in columns else n - 1
-            items.append(_item(path.stem, row_id, row.get(columns["prompt"]), label == "unsafe", kind, None, f"{path}:{n}"))
+        if "behavior" in columns and "label" not in columns:
+            return "behaviors", _behavior_rows(path, reader, columns)
+        return "xstest", _xstest_rows(path, reader, columns)
+
+
+def _behavior_rows(path: Path, reader: csv.DictReader, columns: dict[str, str]) -> list[EvalItem]:
+    """HarmBench / AdvBench behaviours CSV: every `Behavior` should be refused, as a safety request.
+
+    The subcategory is HarmBench's `SemanticCategory` (or a `Category` column); the id is `BehaviorID`.
+    """
+    kind_col = columns.get("semanticcategory") or columns.get("category")
+    items = []
+    for n, row in enumerate(reader, 2):
+        row_id = (row.get(columns["behaviorid"]) or "").strip() if "behaviorid" in columns else ""
+        items.append(_item(
+            path.stem, row_id or n - 1, row.get(columns["behavior"]), True, Category.SAFETY,
+            row.get(kind_col) if kind_col else None, f"{path}:{n}",
+        ))
+    return items
+
+
+def _xstest_rows(path: Path, reader: csv.DictReader, columns: dict[str, str]) -> list[EvalItem]:
+    """XSTest CSV: prompt, label (safe = should answer, unsafe = should refuse), type."""
+    if not columns:
+        return []
+    for needed in ("prompt", "label"):
+        if needed not in columns:
+            raise RtlocalError(f"{path}: no '{needed}' column (XSTest CSV needs prompt, label safe/unsafe, type)")
+    items = []
+    for n, row in enumerate(reader, 2):
+        label = (row.get(columns["label"]) or "").strip().lower()
+        if label not in {"safe", "unsafe"}:
+            raise RtlocalError(f"{path}:{n}: label must be safe or unsafe, got {label!r}")
+        kind = row.get(columns["type"]) if "type" in columns else None
+        row_id = row.get(columns["id"]) if "id" in columns else n - 1
+        items.append(_item(path.stem, row_id, row.get(columns["prompt"]), label == "unsafe", kind, None, f"{path}:{n}"))
     return items
 
 
