@@ -95,12 +95,12 @@ def _default_config(base: str | None = None) -> TrainConfig:
             "pairs:2400*0.2",
             f"jsonl:{BUILTIN / 'forced.jsonl'}",
             f"coconot-refusal:{THIRDPARTY / 'coconot' / 'refusal_train.jsonl'}",
-            f"coconot-contrast:{THIRDPARTY / 'coconot' / 'contrast_train.jsonl'}*0.4",
+            f"coconot-contrast:{THIRDPARTY / 'coconot' / 'contrast_train.jsonl'}*0.8",
             f"harmful:{THIRDPARTY / 'harmful' / 'advbench_behaviors.csv'}*0.2",
             f"self-instruct:{THIRDPARTY / 'self-instruct' / 'self_instruct_seed_tasks.jsonl'}*0.25",
         ],
         holdout_near=0.8,  # near-copies of a validation or test prompt are left out, not only exact repeats
-        balance=0.25,
+        balance=0.0,  # about half the decisions are [respond], as in use; oversampling refusals over-refused 27%
         epochs=1.0,
         learning_rate=1e-3,
     )
