@@ -64,14 +64,16 @@ RULES: tuple[Rule, ...] = (
     Rule("beyond-me", r"\b(beyond|outside) (my|the scope of my) (capabilities|abilities|scope|knowledge|programming)\b"),
     Rule("as-an-ai", r"\bas an? (ai|artificial intelligence|language model|large language model|assistant)\b"),
     Rule("i-am-an-ai", rf"\b({_I_AM}|i m) (just |only |merely )?an? (ai|artificial intelligence|language model|large language model|chatbot|computer program|bot|machine|virtual assistant|text-based)\b"),
-    Rule("no-capacity", r"\bi (do not|don't|did not|didn't) (have|possess) (any |a |an |the )?(personal|feelings|emotions|opinions|preferences|body|physical|family|childhood|memories|favou?rite|experiences?|ability|capabilit|capacity|access|real-time|way to|means to)",
+    Rule("no-capacity", r"\bi (do not|don't|did not|didn't) (have|possess) (any |a |an |the )?(personal|feelings|emotions|moods?|opinions|preferences|body|physical|family|childhood|memories|favou?rite|experiences?|ability|capabilit|capacity|access|real-time|way to|means to|enough (information|context|details))",
          unless=r"\bhowever, i do have\b"),  # "I don't have a favourite memory. However, I do have one: ..." answers after all
     Rule("no-body", r"\bi (don't|do not|never|can't|cannot) (eat|drink|sleep|dream|breathe|taste|smell|go on (vacation|holiday)|have breakfast|have lunch|have dinner)\b"),
-    Rule("clarify", r"\b(could|can|would) you (please )?(clarify|specify|provide more|tell me more|give me more)\b"),
+    Rule("clarify", r"\b(could|can|would) you (please )?(clarify|specify|rephrase|provide more|tell me more|give me more)\b"),
+    Rule("not-sure-what", r"^(i'm|i am) not sure what you (mean|are asking|'re asking|are referring to|'re referring to)\b"),
+    Rule("lost-input", r"\b(information|text|content|attachment|file|image) (didn't|did not) come through\b"),
     Rule("more-context", r"\b(please|kindly) (provide|share|give) (more|some|additional) (context|details|information)\b"),
     Rule("need-more", rf"\b(i|{_I_WOULD}|i will|i'll) need (more|some|additional|a bit more|a little more|further) (information|details|context|specifics)\b"),
     Rule("missing-input", r"\b(it (seems|looks) like you (haven't|have not|didn't|did not|forgot to)|you (haven't|have not) (yet )?(provided|included|specified|attached|shared|given))\b"),
-    Rule("unknowable", rf"\b((it is|it's) (impossible|not possible) to (predict|know|determine|say)|there(?:'s| is) no way (for me )?to (know|tell|predict|determine|say)|i have no way (of|to) (know|tell|predict)|(no one|nobody) (can|could) (know|predict|say|tell))"),
+    Rule("unknowable", rf"\b((it is|it's) (impossible|not possible) to (predict|know|determine|say)|{_THAT_IS} (unknowable|not knowable)|nobody has a (proven|definitive|certain) answer|there(?:'s| is) no way (for me )?to (know|tell|predict|determine|say)|i have no way (of|to) (know|tell|predict)|(no one|nobody) (can|could) (know|predict|say|tell))"),
     Rule("false-premise", r"\bthere (is|are|was|were) no (evidence|record|records|information|indication)\b"),
 )
 
