@@ -68,7 +68,7 @@ RULES: tuple[Rule, ...] = (
          unless=r"\bhowever, i do have\b"),  # "I don't have a favourite memory. However, I do have one: ..." answers after all
     Rule("no-body", r"\bi (don't|do not|never|can't|cannot) (eat|drink|sleep|dream|breathe|taste|smell|go on (vacation|holiday)|have breakfast|have lunch|have dinner)\b"),
     Rule("clarify", r"\b(could|can|would) you (please )?(clarify|specify|rephrase|provide more|tell me more|give me more)\b"),
-    Rule("not-sure-what", r"^(i'm|i am) not sure what you (mean|are asking|'re asking|are referring to|'re referring to)\b"),
+    Rule("not-sure-what", r"^(i'm|i am) not sure what you( mean| are asking|'re asking| are referring to|'re referring to)\b"),
     Rule("lost-input", r"\b(information|text|content|attachment|file|image) (didn't|did not) come through\b"),
     Rule("more-context", r"\b(please|kindly) (provide|share|give) (more|some|additional) (context|details|information)\b"),
     Rule("need-more", rf"\b(i|{_I_WOULD}|i will|i'll) need (more|some|additional|a bit more|a little more|further) (information|details|context|specifics)\b"),
