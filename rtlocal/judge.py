@@ -61,7 +61,7 @@ RULES: tuple[Rule, ...] = (
     Rule("not-something-i", rf"\b({_THAT_IS} not|(that|this|it) isn't) something i\b"),
     Rule("not-appropriate", rf"\b{_THAT_IS} not (appropriate|ethical|safe|possible for me)\b"),
     Rule("harmful-so", r"\b(that|this|doing so|doing that|what you('re| are) asking( for)?) would (be|involve) (illegal|unethical|harmful|dangerous|against the law|a crime|wrong|inappropriate)\b[^.!?]{0,60}?\bso\b"),
-    Rule("beyond-me", r"\b(beyond|outside) (my|the scope of my) (capabilities|abilities|scope|knowledge|programming)\b"),
+    Rule("beyond-me", r"\b((beyond|outside) (my|the scope of my) (capabilities|abilities|scope|knowledge|programming)|(that's|that is|it's|it is) beyond (me|what i can))\b"),
     Rule("as-an-ai", r"\bas an? (ai|artificial intelligence|language model|large language model|assistant)\b"),
     Rule("i-am-an-ai", rf"\b({_I_AM}|i m) (just |only |merely )?an? (ai|artificial intelligence|language model|large language model|chatbot|computer program|bot|machine|virtual assistant|text-based)\b"),
     Rule("no-capacity", r"\bi (do not|don't|did not|didn't) (have|possess) (any |a |an |the )?(personal|feelings|emotions|moods?|opinions|preferences|body|physical|family|childhood|memories|favou?rite|experiences?|ability|capabilit|capacity|access|real-time|way to|means to|enough (information|context|details))",
@@ -73,7 +73,7 @@ RULES: tuple[Rule, ...] = (
     Rule("more-context", r"\b(please|kindly) (provide|share|give) (more|some|additional) (context|details|information)\b"),
     Rule("need-more", rf"\b(i|{_I_WOULD}|i will|i'll) need (more|some|additional|a bit more|a little more|further) (information|details|context|specifics)\b"),
     Rule("missing-input", r"\b(it (seems|looks) like you (haven't|have not|didn't|did not|forgot to)|you (haven't|have not) (yet )?(provided|included|specified|attached|shared|given))\b"),
-    Rule("unknowable", rf"\b((it is|it's) (impossible|not possible) to (predict|know|determine|say)|{_THAT_IS} (unknowable|not knowable)|nobody has a (proven|definitive|certain) answer|there(?:'s| is) no way (for me )?to (know|tell|predict|determine|say)|i have no way (of|to) (know|tell|predict)|(no one|nobody) (can|could) (know|predict|say|tell))"),
+    Rule("unknowable", rf"\b((it is|it's) (impossible|not possible) to (predict|know|determine|say)|{_THAT_IS} (unknowable|not knowable)|nobody has a (proven|definitive|certain) answer|there(?:'s| is) no (objective|definitive|single right|known) answer|there are no known answers|there(?:'s| is) no way (for me )?to (know|tell|predict|determine|say)|i have no way (of|to) (know|tell|predict)|(no one|nobody) (can|could) (know|predict|say|tell))"),
     Rule("false-premise", r"\bthere (is|are|was|were) no (evidence|record|records|information|indication)\b"),
 )
 
