@@ -40,6 +40,7 @@ class SamplingParams:
     repeat_penalty: float = 1.1
     repeat_last_n: int = 64
     seed: int | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (-inf bans it)
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -358,6 +359,8 @@ class _SamplerChain:
         self._ctx = engine._ctx
         self.chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = lambda s: llama_cpp.llama_sampler_chain_add(self.chain, s)  # noqa: E731
+        if p.logit_bias:
+            add(_SamplerChain.bias(engine, p.logit_bias))
         if p.repeat_penalty != 1.0:
             add(llama_cpp.llama_sampler_init_penalties(engine.n_vocab, p.repeat_last_n, p.repeat_penalty, 0.0, 0.0))
         if p.temperature == 0:
@@ -376,13 +379,18 @@ class _SamplerChain:
     @staticmethod
     def ban(engine: Engine, tokens: set[int]):
         """A logit-bias sampler that removes `tokens` (llama.cpp's own logit_bias sampler)."""
+        return _SamplerChain.bias(engine, dict.fromkeys(tokens, -math.inf))
+
+    @staticmethod
+    def bias(engine: Engine, biases: dict[int, float]):
+        """llama.cpp's logit_bias sampler: adds biases[t] to token t's logit."""
         import llama_cpp
 
-        arr = (llama_cpp.llama_logit_bias * len(tokens))()
-        for i, t in enumerate(sorted(tokens)):
+        arr = (llama_cpp.llama_logit_bias * len(biases))()
+        for i, t in enumerate(sorted(biases)):
             arr[i].token = t
-            arr[i].bias = -math.inf
-        return llama_cpp.llama_sampler_init_logit_bias(engine.n_vocab, len(tokens), arr)
+            arr[i].bias = biases[t]
+        return llama_cpp.llama_sampler_init_logit_bias(engine.n_vocab, len(biases), arr)
 
     def prepend(self, sampler) -> None:
         """Put `sampler` first in the chain (it must act before top-k and friends)."""
