@@ -265,6 +265,9 @@ try:
     _register_eval(app)
 except ImportError:  # pragma: no cover
     pass
+from rtlocal.cli_serve import register as _register_serve  # noqa: E402 (imports no server stack)
+
+_register_serve(app)
 
 
 def main(argv: list[str] | None = None) -> int:
