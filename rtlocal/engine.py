@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -261,8 +261,13 @@ class Engine:
         sampling: SamplingParams | None = None,
         max_tokens: int = 512,
         decision_temperature: float = 1.0,
+        on_token: Callable[[int], None] | None = None,
     ) -> Response:
-        """Decide, append the answer-start token, and return a Response that streams the answer."""
+        """Decide, append the answer-start token, and return a Response that streams the answer.
+
+        `on_token(id)` is called for each answer token while its position's logits are still readable
+        (`last_logits()`), before the token is evaluated: the server reads logprobs there.
+        """
         sampling = sampling or SamplingParams()
         t0 = time.perf_counter()
         ids = self.prompt_ids(messages)
@@ -300,10 +305,13 @@ class Engine:
         if banned is not None:  # answer-start tokens are valid only at the first position
             sampler.prepend(banned)
         response = Response(decision, start, stats)
-        response._chunks = self._stream(sampler, stats, max_tokens, t0, first)
+        response._chunks = self._stream(sampler, stats, max_tokens, t0, first, on_token)
         return response
 
-    def _stream(self, sampler: "_SamplerChain", stats: Stats, max_tokens: int, t0: float, first: int | None) -> Iterator[str]:
+    def _stream(
+        self, sampler: "_SamplerChain", stats: Stats, max_tokens: int, t0: float, first: int | None,
+        on_token: Callable[[int], None] | None = None,
+    ) -> Iterator[str]:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         t_start = time.perf_counter()
         n = 0
@@ -319,6 +327,8 @@ class Engine:
                     stats.stop_reason = "eos"
                     break
                 n += 1
+                if on_token is not None:
+                    on_token(tok)
                 text = decoder.decode(self.piece_bytes(tok))
                 if n == 1:
                     stats.first_token_ms = (time.perf_counter() - t0) * 1000
