@@ -49,6 +49,7 @@ DEFAULT_QUEUE = 64  # waiting requests beyond the slots
 DEFAULT_MAX_TOKENS = 512  # answer length when a request sets none (always capped by the context)
 MAX_BODY_BYTES = 1 << 20
 MAX_STOP = 16
+MAX_TOP_LOGPROBS = 20
 RETRY_AFTER_S = 1
 FINISH = {"eos": "stop", "length": "length", "context": "length", "cancelled": "stop"}
 
@@ -90,6 +91,8 @@ class ChatRequest:
     bias: str | None = None
     mode: Mode | None = None
     decision_temperature: float = 1.0
+    logprobs: bool = False
+    top_logprobs: int = 0
 
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -205,8 +208,12 @@ def parse_chat_request(body: Any) -> ChatRequest:
             mode = Mode(mode)
         except ValueError:
             raise ApiError(400, f"mode: expected threshold, bias or free, got {mode!r}", param="mode") from None
-    if body.get("logprobs"):
-        raise ApiError(400, "logprobs: not supported by rtlocal serve", param="logprobs")
+    logprobs = body.get("logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise ApiError(400, "logprobs: expected true or false", param="logprobs")
+    top_logprobs = _number(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, integer=True)
+    if top_logprobs is not None and not logprobs:
+        raise ApiError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
     return ChatRequest(
         messages=messages,
         max_tokens=max_tokens,
@@ -219,6 +226,8 @@ def parse_chat_request(body: Any) -> ChatRequest:
         bias=_spec(body, "bias"),
         mode=mode,
         decision_temperature=_or(_number(body, "decision_temperature", 1e-3, 100), 1.0),
+        logprobs=bool(logprobs),
+        top_logprobs=top_logprobs or 0,
     )
 
 
@@ -398,7 +407,15 @@ def _generate(engine: Engine, req: ChatRequest, policy: Policy, max_tokens: int,
     """Runs in a slot's thread: decide, then stream the answer into the request's queue until done or cancelled."""
 
     def put(*event: Any) -> None:
-        loop.call_soon_threadsafe(gen.events.put_nowait, event)
+        _call_soon(loop, gen.events.put_nowait, event)
+
+    pending: list[dict[str, Any]] = []  # logprobs of tokens whose text has not gone out yet
+    on_token = (lambda tok: pending.append(_logprob_entry(engine, tok, req.top_logprobs))) if req.logprobs else None
+
+    def put_text(text: str) -> None:
+        if text or pending:
+            put("text", text, pending[:] if req.logprobs else None)
+            pending.clear()
 
     try:
         if gen.cancel.is_set():  # the client left while the slot was being handed over
@@ -406,7 +423,7 @@ def _generate(engine: Engine, req: ChatRequest, policy: Policy, max_tokens: int,
             put("done")
             return
         response = engine.respond(req.messages, policy, sampling=req.sampling, max_tokens=max_tokens,
-                                  decision_temperature=req.decision_temperature)
+                                  decision_temperature=req.decision_temperature, on_token=on_token)
         gen.stats = response.stats
         put("decision", response.decision)
         stops = _StopScanner(req.stop)
@@ -418,14 +435,12 @@ def _generate(engine: Engine, req: ChatRequest, policy: Policy, max_tokens: int,
                 break
             text, stopped = stops.feed(chunk)
             if text:
-                put("text", text)
+                put_text(text)
             if stopped:
                 response.close()
                 break
         else:
-            tail = stops.flush()
-            if tail:
-                put("text", tail)
+            put_text(stops.flush())
         gen.finish_reason = "stop" if stopped else FINISH.get(response.stats.stop_reason, "stop")
         if gen.outcome != "cancelled":
             gen.outcome = "served"
@@ -435,6 +450,35 @@ def _generate(engine: Engine, req: ChatRequest, policy: Policy, max_tokens: int,
     except Exception:  # never a traceback to the client: log it here, answer a one-line error
         log.exception("generation failed")
         put("error", ApiError(500, "the server failed to generate an answer (see the server log)"))
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable, *args: Any) -> None:
+    """Hand work to the event loop from a slot's thread; after shutdown there is nobody left to tell."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # the loop is closed
+        pass
+
+
+def _logprob_entry(engine: Engine, token: int, top: int) -> dict[str, Any]:
+    """OpenAI's logprobs entry for one answer token, from the model's logits at its position (before sampling)."""
+    import numpy as np
+
+    logits = engine.last_logits().astype(np.float64)
+    peak = logits.max()
+    logp = logits - (peak + math.log(float(np.exp(logits - peak).sum())))
+
+    def item(t: int) -> dict[str, Any]:
+        piece = engine.piece_bytes(int(t))
+        return {"token": piece.decode("utf-8", "replace"), "logprob": float(logp[t]), "bytes": list(piece)}
+
+    entry = item(token)
+    if top:
+        best = np.argpartition(-logp, top)[:top]
+        entry["top_logprobs"] = [item(t) for t in best[np.argsort(-logp[best])]]
+    else:
+        entry["top_logprobs"] = []
+    return entry
 
 
 # ---------------------------------------------------------------- the server
@@ -594,7 +638,7 @@ class Server:
         loop = asyncio.get_running_loop()
         self.live.add(gen)
         future = self.executor.submit(_generate, engine, req, policy, max_tokens, gen, loop)
-        future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._finished, engine, gen))
+        future.add_done_callback(lambda _: _call_soon(loop, self._finished, engine, gen))
         try:
             while True:
                 event = await gen.events.get()
@@ -613,15 +657,19 @@ class Server:
                         meta: dict[str, Any], gen: Generation) -> Response:
 
         async def collect() -> dict[str, Any]:
-            decision, parts = None, []
+            decision, parts, logprobs = None, [], []
             async for event in self._events(ticket, req, policy, max_tokens, gen):
                 if event[0] == "decision":
                     decision = event[1]
                 elif event[0] == "text":
                     parts.append(event[1])
+                    logprobs += event[2] or []
                 elif event[0] == "error":
                     raise event[1]
-            return self._completion(meta, decision, "".join(parts), gen, policy)
+            done = self._completion(meta, decision, "".join(parts), gen, policy)
+            if req.logprobs:
+                done["choices"][0]["logprobs"] = {"content": logprobs, "refusal": None}
+            return done
 
         job = asyncio.ensure_future(collect())
         gone = asyncio.ensure_future(_disconnected(request))
@@ -668,7 +716,8 @@ class Server:
                                 "rtlocal": decision_fields(event[1], policy)})
                 elif kind == "text":
                     delta = {"content": event[1], "refusal": event[1]} if refused else {"content": event[1]}
-                    yield _sse({**head, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                    lp = {"content": event[2], "refusal": None} if req.logprobs else None
+                    yield _sse({**head, "choices": [{"index": 0, "delta": delta, "logprobs": lp,
                                                      "finish_reason": None}]})
                 elif kind == "done":
                     yield _sse({**head, "choices": [{"index": 0, "delta": {}, "logprobs": None,

@@ -191,6 +191,26 @@ def test_logit_bias_bans_the_end_of_the_answer(srv):
     assert r.usage.completion_tokens == 60 and r.choices[0].finish_reason == "length"
 
 
+def test_logprobs_and_top_logprobs(srv):
+    client = srv.client()
+    greedy = {"repeat_penalty": 1.0}  # greedy on the raw logits: only banned tokens may rank above the chosen one
+    r = client.chat.completions.create(model="m", messages=HI, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3,
+                                       extra_body={**greedy, **no_eos(srv)})
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == 8
+    assert "".join(bytes(e.bytes).decode("utf-8", "replace") for e in content) == r.choices[0].message.content
+    for e in content:
+        tops = [t.logprob for t in e.top_logprobs]
+        assert len(tops) == 3 and tops == sorted(tops, reverse=True) and all(x <= 0 for x in tops)
+        assert e.logprob <= tops[0] + 1e-9
+        # above it only control tokens (the answer-start tokens and end of turn, banned here): no bytes of text
+        assert all(t.bytes == [] for t in e.top_logprobs if t.logprob > e.logprob + 1e-6)
+    chunks = list(client.chat.completions.create(model="m", messages=HI, max_tokens=5, logprobs=True, stream=True,
+                                                 extra_body=no_eos(srv)))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert len(streamed) == 5 and all(e.top_logprobs == [] for e in streamed)
+
+
 def test_no_message_role_can_become_a_control_token(srv):
     engine = srv.server.engine
     control = ["[Requests with safety concerns]", "[respond]", "<|im_end|>", "<|im_start|>"]
@@ -246,7 +266,7 @@ def test_concurrent_requests_all_answered(srv):
 
 def test_queue_full_is_503_with_retry_after(long_gguf):
     with running(long_gguf, parallel=1, queue_size=1) as r:
-        body = {"messages": HI, "max_tokens": 4000, **no_eos(r)}
+        body = {"messages": HI, "max_tokens": 1000, **no_eos(r)}
 
         def until(key: str, value: int) -> None:
             end = time.monotonic() + 20
@@ -254,7 +274,7 @@ def test_queue_full_is_503_with_retry_after(long_gguf):
                 assert time.monotonic() < end, r.health()
                 time.sleep(0.002)
 
-        with httpx.Client(timeout=60) as http:
+        with httpx.Client(timeout=300) as http:
             replies: list[httpx.Response] = []
             threads = [threading.Thread(target=lambda: replies.append(http.post(r.url + "/v1/chat/completions", json=body)))
                        for _ in range(2)]
@@ -266,7 +286,7 @@ def test_queue_full_is_503_with_retry_after(long_gguf):
             assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
             assert busy.json()["error"]["type"] == "server_error" and "queue is full" in busy.json()["error"]["message"]
             for t in threads:
-                t.join(60)
+                t.join(300)
         assert [x.status_code for x in replies] == [200, 200]
         assert r.wait_idle()["rejected"] == 1
 
@@ -353,6 +373,8 @@ def test_bad_json_is_400(srv):
         ({"messages": HI, "mode": "wild"}, "mode", "threshold, bias or free"),
         ({"messages": HI, "max_tokens": 5000}, "max_tokens", "context is 512 tokens"),
         ({"messages": HI, "logit_bias": {"x": 1}}, "logit_bias", "token id"),
+        ({"messages": HI, "top_logprobs": 2}, "top_logprobs", "needs logprobs"),
+        ({"messages": HI, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "[0, 20]"),
         ({"messages": HI, "logit_bias": {"99999": -100}}, "logit_bias", "below"),
     ],
 )
