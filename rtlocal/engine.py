@@ -126,6 +126,9 @@ class Engine:
                 str(path),
                 n_ctx=n_ctx,
                 n_threads=n_threads or _default_threads(),
+                # prompt batches too: llama.cpp's default (every core) made --threads 1 evaluate prompts on two
+                # threads, which on a busy machine spin-wait for each other (25 s for an 8-token prompt, measured)
+                n_threads_batch=n_threads or _default_threads(),
                 n_gpu_layers=n_gpu_layers,
                 n_batch=n_batch,
                 logits_all=False,
