@@ -263,11 +263,11 @@ def main() -> None:
         for srv in (rt, lc):  # both stay up; only one is loaded at a time (an idle server takes no CPU)
             srv.start()
             asyncio.run(load(srv.url, 1, 1, None, bias))  # warm-up
-        for clients in levels:
+        for k, clients in enumerate(levels):
             n_each = max(1, (args.requests or max(4, clients)) // clients)
             got = {rt.name: Result(), lc.name: Result()}
             for r in range(args.rounds):  # short alternating bursts, so that the machine's load drifts evenly
-                for srv in ([rt, lc] if r % 2 == 0 else [lc, rt]):
+                for srv in ([rt, lc] if (r + k) % 2 == 0 else [lc, rt]):
                     got[srv.name].merge(asyncio.run(load(srv.url, clients, n_each, None, bias)))
             for name, res in got.items():
                 print(f"  {clients:>2} clients  {name:<17} " + "  ".join(
