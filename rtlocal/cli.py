@@ -16,6 +16,7 @@ import typer
 
 from rtlocal.constants import STRICTNESS_PRESETS, ExitCode
 from rtlocal.errors import RtlocalError
+from rtlocal.options import calibration_profile, open_engine, policy_from_flags
 
 app = typer.Typer(
     name="rtlocal",
@@ -63,52 +64,11 @@ CalibOpt = Annotated[
 ]
 
 
-def _engine(model: str | None, threads: int | None, ctx: int | None, gpu: int | None):
-    from rtlocal.engine import DEFAULT_CTX, Engine
-    from rtlocal.models import load_settings, resolve_model
-
-    settings = load_settings()
-    path = resolve_model(model, settings)
-    return Engine(
-        path,
-        n_ctx=ctx or settings.ctx or DEFAULT_CTX,
-        n_threads=threads or settings.threads,
-        n_gpu_layers=gpu if gpu is not None else (settings.n_gpu_layers or 0),
-    )
-
-
-def _calibration_profile(flag: Path | None, settings, has_tokens: bool) -> Path | None:
-    """The profile in effect: --calibration, else config.toml's (which, like its strictness, a plain model ignores)."""
-    if flag is not None:
-        return flag
-    return Path(settings.calibration).expanduser() if settings.calibration and has_tokens else None
-
-
-def _policy(engine, strictness: str | None, threshold: str | None, bias: str | None, mode: str, calibration: Path | None = None):
-    from rtlocal.calibration import apply_profile, strictness_mapper
-    from rtlocal.models import load_settings
-    from rtlocal.policy import Mode, build_policy
-
-    try:
-        mode_v = Mode(mode)
-    except ValueError:
-        raise RtlocalError(f"--mode must be threshold, bias or free, got {mode!r}") from None
-    settings = load_settings()
-    info = engine.refusal
-    if not info.present and (strictness or threshold or bias):
-        raise RtlocalError(f"{engine.path.name} has no refusal tokens: --strictness/--threshold/--bias do not apply")
-    profile = _calibration_profile(calibration, settings, info.present)
-    if profile is not None:
-        apply_profile(info, profile, model_name=engine.path.name)
-    return build_policy(
-        info.categories,
-        strictness=strictness or settings.strictness,
-        thresholds=threshold or settings.threshold,
-        biases=bias,
-        mode=mode_v,
-        defaults=info.thresholds,
-        calibrated=strictness_mapper(info.calibration),
-    )
+# One home for flags -> engine and policy (rtlocal/options.py); the short names stay for the commands here
+# and for cli_eval, which reaches them through this module.
+_engine = open_engine
+_calibration_profile = calibration_profile
+_policy = policy_from_flags
 
 
 # ------------------------------------------------------------------ commands
@@ -305,6 +265,9 @@ try:
     _register_eval(app)
 except ImportError:  # pragma: no cover
     pass
+from rtlocal.cli_serve import register as _register_serve  # noqa: E402 (imports no server stack)
+
+_register_serve(app)
 
 
 def main(argv: list[str] | None = None) -> int:

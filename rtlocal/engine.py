@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +40,7 @@ class SamplingParams:
     repeat_penalty: float = 1.1
     repeat_last_n: int = 64
     seed: int | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (-inf bans it)
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -126,7 +127,9 @@ class Engine:
                 str(path),
                 n_ctx=n_ctx,
                 n_threads=threads,
-                n_threads_batch=threads,  # prompt evaluation: llama-cpp-python would take every core
+                # prompt batches too: llama.cpp's default (every core) made --threads 1 evaluate prompts on two
+                # threads, which on a busy machine spin-wait for each other (25 s for an 8-token prompt, measured)
+                n_threads_batch=threads,
                 n_gpu_layers=n_gpu_layers,
                 n_batch=n_batch,
                 logits_all=False,
@@ -273,8 +276,13 @@ class Engine:
         sampling: SamplingParams | None = None,
         max_tokens: int = 512,
         decision_temperature: float = 1.0,
+        on_token: Callable[[int], None] | None = None,
     ) -> Response:
-        """Decide, append the answer-start token, and return a Response that streams the answer."""
+        """Decide, append the answer-start token, and return a Response that streams the answer.
+
+        `on_token(id)` is called for each answer token while its position's logits are still readable
+        (`last_logits()`), before the token is evaluated: the server reads logprobs there.
+        """
         sampling = sampling or SamplingParams()
         t0 = time.perf_counter()
         ids = self.prompt_ids(messages)
@@ -312,10 +320,13 @@ class Engine:
         if banned is not None:  # answer-start tokens are valid only at the first position
             sampler.prepend(banned)
         response = Response(decision, start, stats)
-        response._chunks = self._stream(sampler, stats, max_tokens, t0, first)
+        response._chunks = self._stream(sampler, stats, max_tokens, t0, first, on_token)
         return response
 
-    def _stream(self, sampler: "_SamplerChain", stats: Stats, max_tokens: int, t0: float, first: int | None) -> Iterator[str]:
+    def _stream(
+        self, sampler: "_SamplerChain", stats: Stats, max_tokens: int, t0: float, first: int | None,
+        on_token: Callable[[int], None] | None = None,
+    ) -> Iterator[str]:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         t_start = time.perf_counter()
         n = 0
@@ -331,6 +342,8 @@ class Engine:
                     stats.stop_reason = "eos"
                     break
                 n += 1
+                if on_token is not None:
+                    on_token(tok)
                 text = decoder.decode(self.piece_bytes(tok))
                 if n == 1:
                     stats.first_token_ms = (time.perf_counter() - t0) * 1000
@@ -371,6 +384,8 @@ class _SamplerChain:
         self._ctx = engine._ctx
         self.chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = lambda s: llama_cpp.llama_sampler_chain_add(self.chain, s)  # noqa: E731
+        if p.logit_bias:
+            add(_SamplerChain.bias(engine, p.logit_bias))
         if p.repeat_penalty != 1.0:
             add(llama_cpp.llama_sampler_init_penalties(engine.n_vocab, p.repeat_last_n, p.repeat_penalty, 0.0, 0.0))
         if p.temperature == 0:
@@ -389,13 +404,18 @@ class _SamplerChain:
     @staticmethod
     def ban(engine: Engine, tokens: set[int]):
         """A logit-bias sampler that removes `tokens` (llama.cpp's own logit_bias sampler)."""
+        return _SamplerChain.bias(engine, dict.fromkeys(tokens, -math.inf))
+
+    @staticmethod
+    def bias(engine: Engine, biases: dict[int, float]):
+        """llama.cpp's logit_bias sampler: adds biases[t] to token t's logit."""
         import llama_cpp
 
-        arr = (llama_cpp.llama_logit_bias * len(tokens))()
-        for i, t in enumerate(sorted(tokens)):
+        arr = (llama_cpp.llama_logit_bias * len(biases))()
+        for i, t in enumerate(sorted(biases)):
             arr[i].token = t
-            arr[i].bias = -math.inf
-        return llama_cpp.llama_sampler_init_logit_bias(engine.n_vocab, len(tokens), arr)
+            arr[i].bias = biases[t]
+        return llama_cpp.llama_sampler_init_logit_bias(engine.n_vocab, len(biases), arr)
 
     def prepend(self, sampler) -> None:
         """Put `sampler` first in the chain (it must act before top-k and friends)."""

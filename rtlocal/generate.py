@@ -12,7 +12,7 @@ from rtlocal.constants import alias_of
 from rtlocal.engine import Engine, Response, SamplingParams
 from rtlocal.errors import RtlocalError
 from rtlocal.jsonl import parse_object, read_lines
-from rtlocal.policy import Policy
+from rtlocal.policy import Decision, Policy
 from rtlocal.prompts import Message, messages_from_dicts
 
 SCHEMA_VERSION = 1
@@ -59,12 +59,9 @@ def single_item(prompt: str, system: str | None) -> Item:
     return Item(None, msgs)
 
 
-def result_record(item: Item, response: Response, policy: Policy) -> dict[str, Any]:
-    """The pinned JSON schema of one answer (see README, 'JSON output')."""
-    d, s = response.decision, response.stats
+def decision_fields(d: Decision, policy: Policy) -> dict[str, Any]:
+    """The decision as JSON: in generate's records and in the server's `rtlocal` object."""
     return {
-        "id": item.id,
-        "text": response.text,
         "decision": d.label,
         "category": d.category,
         "category_alias": alias_of(d.category) if d.category else None,
@@ -72,6 +69,16 @@ def result_record(item: Item, response: Response, policy: Policy) -> dict[str, A
         "p_respond": None if d.p_respond != d.p_respond else round(d.p_respond, 6),
         "mode": d.mode.value,
         "thresholds": {c: t for c, t in policy.thresholds.items()},
+    }
+
+
+def result_record(item: Item, response: Response, policy: Policy) -> dict[str, Any]:
+    """The pinned JSON schema of one answer (see README, 'JSON output')."""
+    s = response.stats
+    return {
+        "id": item.id,
+        "text": response.text,
+        **decision_fields(response.decision, policy),
         "prompt_tokens": s.prompt_tokens,
         "completion_tokens": s.completion_tokens,
         "stop_reason": s.stop_reason,

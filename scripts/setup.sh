@@ -25,8 +25,8 @@ echo "setup: installing torch (${TORCH_SPEC:-torch==2.13.0})" >&2
 $PIP install -q ${TORCH_SPEC:-torch==2.13.0}
 # llama-cpp-python compiles llama.cpp from source on first install (~13 min on 2 cores; pip caches the
 # wheel afterwards). For Metal/CUDA set CMAKE_ARGS, e.g. CMAKE_ARGS="-DGGML_CUDA=on".
-echo "setup: installing rtlocal[train,plots,dev] (the first install compiles llama.cpp: ~13 min)" >&2
+echo "setup: installing rtlocal[train,plots,dev,serve] (the first install compiles llama.cpp: ~13 min)" >&2
 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)} \
-  $PIP install -q -e ".[train,plots,dev]"
+  $PIP install -q -e ".[train,plots,dev,serve]"
 echo "$WANT" > "$STAMP"
 echo "setup: done" >&2
