@@ -111,7 +111,7 @@ def verify_gguf(path: Path, model: Any, tokenizer: Any, *, out_type: str, thread
     model = _as_stored(model, out_type)
     # f32 KV cache: the default f16 cache alone adds ~1e-2 of logit error, which would hide real mistakes
     llm = Llama(
-        str(path), n_ctx=max(len(s) for s in seqs) + 8, logits_all=True, n_threads=threads, type_k=0, type_v=0, verbose=False
+        str(path), n_ctx=max(len(s) for s in seqs) + 8, logits_all=True, n_threads=threads, n_threads_batch=threads, type_k=0, type_v=0, verbose=False
     )
     try:
         deltas, agree, margins = [], [], []

@@ -120,11 +120,13 @@ class Engine:
         n_ctx_train = scan_header(path, {f"{arch}.context_length"}).get(f"{arch}.context_length")
         if n_ctx_train:
             n_ctx = min(n_ctx, int(n_ctx_train))  # beyond what the model was trained on, output degrades
+        threads = n_threads or _default_threads()
         try:
             self.llm = Llama(
                 str(path),
                 n_ctx=n_ctx,
-                n_threads=n_threads or _default_threads(),
+                n_threads=threads,
+                n_threads_batch=threads,  # prompt evaluation: llama-cpp-python would take every core
                 n_gpu_layers=n_gpu_layers,
                 n_batch=n_batch,
                 logits_all=False,
@@ -141,7 +143,7 @@ class Engine:
         self._ctx = self.llm._ctx.ctx
         self._vocab = self.llm._model.vocab
         self.n_vocab = self.llm.n_vocab()
-        self.n_ctx = self.llm.n_ctx()
+        self.n_ctx = self._adopt_real_context()
         self.refusal: RefusalInfo = read_refusal_info(self.metadata, self._token_id)
         bos = self.llm._model.token_bos()
         add_bos = self.llm._model.add_bos_token() and bos >= 0
@@ -153,6 +155,17 @@ class Engine:
             add_bos_id=bos if add_bos else None,
         )
         self.closed = False
+
+    def _adopt_real_context(self) -> int:
+        """The context llama.cpp really allocated (it pads n_ctx, to 256 tokens today), made the engine's.
+
+        llama-cpp-python sizes its token buffer by the n_ctx asked for, so a padded context would let
+        generation run past that buffer; the buffer is grown to the real context, which is all used.
+        """
+        real = int(self.llm.n_ctx())
+        if len(self.llm.input_ids) < real:
+            self.llm.input_ids = np.zeros(real, dtype=np.intc)  # nothing is evaluated yet
+        return min(real, len(self.llm.input_ids))
 
     # ------------------------------------------------------------------ tokens
 

@@ -170,3 +170,15 @@ def test_chat_repl_commands(tiny_gguf, capsys, monkeypatch):
     assert out.count("[refused: ") >= 1  # the turn after /threshold all=0
     assert "system prompt set" in out and "history cleared" in out
     assert "unknown command /bogus" in out and "usage: /threshold" in out
+
+
+@pytest.mark.parametrize("ctx", ["64", "100"])
+def test_small_context_ends_the_answer_instead_of_crashing(tiny_gguf, capsys, ctx):
+    rc, out, err = run(
+        ["generate", "-m", str(tiny_gguf), "--json", "-n", "300", "--temperature", "0", "--ctx", ctx, "Write a long story about a dragon"],
+        capsys,
+    )
+    assert rc == 0, err
+    rec = json.loads(out)
+    check_record(rec)
+    assert rec["stop_reason"] in ("context", "eos") and rec["completion_tokens"] > 0

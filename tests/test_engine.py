@@ -192,3 +192,32 @@ def test_bad_sampling_values():
         SamplingParams(top_p=0)
     with pytest.raises(RtlocalError, match="temperature"):
         SamplingParams(temperature=-1)
+
+
+@pytest.mark.parametrize("n_ctx", [64, 100, 300])
+def test_context_is_llama_cpps_and_running_out_ends_the_answer(tiny_gguf, n_ctx):
+    """llama.cpp pads the context it is asked for; the engine uses exactly that one, to the last token."""
+    import llama_cpp
+
+    with Engine(tiny_gguf, n_ctx=n_ctx) as e:
+        assert e.n_ctx == llama_cpp.llama_n_ctx(e._ctx) >= n_ctx
+        pol = build_policy(e.refusal.categories, thresholds="all=1")
+        stops = []
+        for word in ("word", "story", "dragon", "the"):
+            k = 1  # the longest prompt of repeated words that leaves two free positions
+            while len(e.prompt_ids(msgs(f"{word} " * (k + 1)))) <= e.n_ctx - 2:
+                k += 1
+            r = e.respond(msgs(f"{word} " * k), pol, sampling=GREEDY, max_tokens=1000)
+            r.finish()
+            stops.append(r.stats.stop_reason)
+            if r.stats.stop_reason == "context":  # prompt, answer-start token and answer fill it exactly
+                assert r.stats.prompt_tokens + 1 + r.stats.completion_tokens == e.n_ctx
+        assert set(stops) <= {"context", "eos"} and "context" in stops
+
+
+def test_threads_reach_prompt_evaluation(tiny_gguf):
+    import llama_cpp
+
+    with Engine(tiny_gguf, n_ctx=256, n_threads=1) as e:
+        assert llama_cpp.llama_n_threads(e._ctx) == 1
+        assert llama_cpp.llama_n_threads_batch(e._ctx) == 1
