@@ -57,6 +57,7 @@ SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Sampling seed (d
 TempOpt = Annotated[float, typer.Option("--temperature", help="Sampling temperature for the answer (0 = greedy).", min=0.0)]
 MaxTokOpt = Annotated[int, typer.Option("--max-tokens", "-n", help="Maximum answer tokens.", min=1)]
 SystemOpt = Annotated[Optional[str], typer.Option("--system", help="System prompt.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output file even when it is not of the kind this command writes.")]
 CalibOpt = Annotated[
     Optional[Path],
     typer.Option("--calibration", help="A profile from `rtlocal calibrate`: --strictness then means its measured rates (instead of the model's own table)."),
@@ -247,6 +248,7 @@ def convert(
     name: Annotated[Optional[str], typer.Option("--name", help="general.name in the GGUF.")] = None,
     verify: Annotated[bool, typer.Option("--verify", help="Compare llama.cpp's logits with the merged model's; fail on mismatch.")] = False,
     threads: ThreadsOpt = None,
+    force: ForceOpt = False,
 ) -> None:
     """Merge an adapter into its base and export GGUF with the refusal tokens as control tokens."""
     from rtlocal.errors import require_train_extra
@@ -254,7 +256,7 @@ def convert(
     require_train_extra("rtlocal convert")
     from convert.convert import convert as do_convert
 
-    r = do_convert(base, out, adapter=adapter, out_type=out_type, name=name, verify=verify, threads=threads)
+    r = do_convert(base, out, adapter=adapter, out_type=out_type, name=name, verify=verify, threads=threads, force=force)
     size = r.path.stat().st_size / 1e6
     toks = f"{len(r.refusal.categories)} refusal categories ({r.refusal.mode})" if r.refusal else "no refusal tokens"
     secs = " ".join(f"{k} {v:.1f}s" for k, v in r.seconds.items())

@@ -134,6 +134,7 @@ def register(app: typer.Typer) -> None:
         limit: LimitOpt = None,
         system: c.SystemOpt = None,
         restart: RestartOpt = False,
+        force: c.ForceOpt = False,
         threads: c.ThreadsOpt = None,
         ctx: c.CtxOpt = None,
         n_gpu_layers: c.GpuOpt = None,
@@ -143,8 +144,20 @@ def register(app: typer.Typer) -> None:
         from rtlocal.calibrate import calibrate, gguf_values, parse_target
         from rtlocal.calibration import save_profile
         from rtlocal.gguf_edit import set_metadata
+        from rtlocal.models import load_settings, resolve_model
+        from rtlocal.paths import CALIBRATION_PROFILE, GGUF_FILE, check_output
 
         goal = parse_target(target)
+        # every destination is checked before any prompt is scored
+        model_file = resolve_model(model, load_settings())
+        profile_path = check_output(
+            profile or Path(f"{model_file.stem}.calibration.json"), kind=CALIBRATION_PROFILE, force=force,
+            inputs=[model_file, data], flag="--profile",
+        )
+        if gguf_out is not None:
+            check_output(gguf_out, kind=GGUF_FILE, force=force, inputs=[model_file, data, profile_path], flag="--gguf-out")
+        elif write_gguf:
+            check_output(model_file, kind=GGUF_FILE, force=True, flag="--write-gguf")  # rewritten in place
         dataset = evaluate.load_data(data, split=split, limit=limit, default_split="train")
         engine = c._engine(model, threads, ctx, n_gpu_layers)
         try:
@@ -167,7 +180,7 @@ def register(app: typer.Typer) -> None:
             )
         finally:
             engine.close()
-        profile_path = save_profile(profile or Path(f"{model_path.stem}.calibration.json"), result.table)
+        profile_path = save_profile(profile_path, result.table)
         _print_calibration(result, profile_path)
         if write_gguf or gguf_out is not None:
             written = set_metadata(model_path, gguf_values(info, result.table, set_defaults=not keep_defaults), out=gguf_out)

@@ -144,10 +144,11 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
         limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Answer at most N prompts.")] = None,
         overwrite: Annotated[bool, typer.Option("--overwrite", help="Re-answer prompts that have an answer.")] = False,
         threads: Annotated[Optional[int], typer.Option("--threads", min=1)] = None,
+        force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file even when it is not a JSONL file.")] = False,
     ) -> None:
         """Answer prompts that have no answer with the base model itself (self-distillation, via llama.cpp)."""
         from finetune.distill import distill
         from finetune.progress import BarProgress
 
-        r = distill(source, out, model=model, max_tokens=max_tokens, temperature=temperature, limit=limit, overwrite=overwrite, threads=threads, progress=BarProgress())
+        r = distill(source, out, model=model, max_tokens=max_tokens, temperature=temperature, limit=limit, overwrite=overwrite, threads=threads, force=force, progress=BarProgress())
         print(f"wrote {r.path}: {r.answered} answered, {r.kept} unchanged")

@@ -309,7 +309,10 @@ class ResultCache:
             self._load()
         lines = [json.dumps({"header": header}, sort_keys=True)] + [json.dumps(asdict(r)) for r in self.records.values()]
         atomic_write_text(self.path, "\n".join(lines) + "\n")  # drops a torn last line of an interrupted run
-        self._file = open(self.path, "a", encoding="utf-8")
+        try:
+            self._file = open(self.path, "a", encoding="utf-8")
+        except OSError as e:
+            raise RtlocalError(f"cannot write {self.path}: {e.strerror or e}") from e
         self._last_sync = time.monotonic()
 
     def _load(self) -> None:
@@ -334,17 +337,27 @@ class ResultCache:
 
     def add(self, record: Record) -> None:
         self.records[record.key] = record
-        self._file.write(json.dumps(asdict(record)) + "\n")
-        self._file.flush()
-        if time.monotonic() - self._last_sync > 2.0:  # bound the loss on power failure without an fsync per prompt
-            os.fsync(self._file.fileno())
-            self._last_sync = time.monotonic()
+        try:
+            self._file.write(json.dumps(asdict(record)) + "\n")
+            self._file.flush()
+            if time.monotonic() - self._last_sync > 2.0:  # bound the loss on power failure without an fsync per prompt
+                os.fsync(self._file.fileno())
+                self._last_sync = time.monotonic()
+        except OSError as e:  # a full disk: the lines written so far stay, and resume from there
+            raise RtlocalError(f"cannot write {self.path}: {e.strerror or e}") from e
 
     def close(self) -> None:
         if not self._file.closed:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
+            try:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+            except OSError as e:
+                raise RtlocalError(f"cannot write {self.path}: {e.strerror or e}") from e
+            finally:
+                try:
+                    self._file.close()
+                except OSError:
+                    pass
 
 
 def _judge(rec: Record, item: EvalItem, judge: Any) -> None:

@@ -1,11 +1,16 @@
-"""Where rtlocal keeps models, caches and its config file (one place, via platformdirs)."""
+"""Where rtlocal keeps models, caches and its config file (one place, via platformdirs), and how it writes files."""
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import platformdirs
+
+from rtlocal.errors import RtlocalError
 
 APP = "rtlocal"
 
@@ -34,7 +39,10 @@ def config_file() -> Path:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file so that readers see the old content or the new, never a part."""
+    """Write a file so that readers see the old content or the new, never a part.
+
+    Any failure (a full disk, a read-only folder) is one `cannot write PATH: reason` error.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -43,8 +51,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise RtlocalError(f"cannot write {path}: {e.strerror or e}") from e
     finally:
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -55,3 +65,101 @@ def temp_path_for(path: Path) -> Path:
     """A sibling temporary path for a file that is written in several steps and then renamed."""
     path = Path(path)
     return path.with_name(f".{path.name}.partial-{os.getpid()}")
+
+
+def discard(path: Path) -> None:
+    """Remove a temporary file if it is there, never raising: a clean-up must not hide the error it cleans up after.
+
+    (On a read-only file system even removing a file that does not exist fails, with EROFS.)
+    """
+    try:
+        Path(path).unlink()
+    except OSError:
+        pass
+
+
+# ------------------------------------------------------------------ output guard
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """What a command writes: an existing file of this kind may be replaced, any other file only with --force."""
+
+    name: str
+    matches: Callable[[Path], bool]
+
+
+def _starts_with(magic: bytes) -> Callable[[Path], bool]:
+    def check(path: Path) -> bool:
+        with open(path, "rb") as f:
+            return f.read(len(magic)) == magic
+
+    return check
+
+
+def _first_line_is_object(path: Path) -> bool:
+    with open(path, "rb") as f:
+        for raw in f:
+            if raw.strip():
+                try:
+                    return isinstance(json.loads(raw), dict)
+                except ValueError:
+                    return False
+    return True
+
+
+def _json_object_with(key: str) -> Callable[[Path], bool]:
+    def check(path: Path) -> bool:
+        if path.stat().st_size > 64 << 20:
+            return False
+        try:
+            obj = json.loads(path.read_bytes())
+        except ValueError:
+            return False
+        return isinstance(obj, dict) and key in obj
+
+    return check
+
+
+GGUF_FILE = OutputKind("GGUF file", _starts_with(b"GGUF"))
+JSONL_FILE = OutputKind("JSONL file", _first_line_is_object)
+CALIBRATION_PROFILE = OutputKind("calibration profile", _json_object_with("categories"))
+
+
+def _same_file(a: Path, b: Path | str) -> bool:
+    try:
+        return os.path.samefile(a, Path(b).expanduser())
+    except OSError:
+        return False
+
+
+def check_output(
+    path: Path | str, *, kind: OutputKind | None, force: bool = False, inputs: Iterable[Path | str | None] = (), flag: str = "--out"
+) -> Path:
+    """Fail before any work when `path` cannot, or must not, be written; return it expanded.
+
+    Every command that writes a file calls this first, so that nothing the user did not ask to
+    replace is lost: an output is never one of the command's inputs, and an existing file is
+    replaced only when it is of the `kind` the command writes (`kind=None`: never), or with --force.
+    """
+    p = Path(path).expanduser()
+    for src in inputs:
+        if src is not None and _same_file(p, src):
+            raise RtlocalError(f"{flag} {p} is also an input of this command: choose another file")
+    if p.is_dir():
+        raise RtlocalError(f"cannot write {p}: it is a directory")
+    parent = p.absolute().parent
+    if not parent.is_dir():
+        raise RtlocalError(f"cannot write {p}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise RtlocalError(f"cannot write {p}: permission denied")
+    if p.exists() and not force:
+        if kind is None:
+            raise RtlocalError(f"{p} exists: pass --force to replace it")
+        try:
+            same_kind = p.stat().st_size == 0 or kind.matches(p)
+        except OSError:
+            same_kind = False
+        if not same_kind:
+            raise RtlocalError(f"{p} exists and is not a {kind.name}: pass --force to replace it")
+    return p
