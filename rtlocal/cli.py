@@ -1,7 +1,8 @@
 """The `rtlocal` command. Each command is a thin layer over a typed function in its own module.
 
 Errors: an RtlocalError prints one `Error: ...` line on stderr and exits 1; bad flags exit 2
-(Click's usage errors); `--debug` shows tracebacks.
+(Click's usage errors, and UsageError: values out of range, repeated or contradictory flags, all
+checked before any model loads); `--debug` shows tracebacks.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Annotated, Optional
 import typer
 
 from rtlocal.constants import STRICTNESS_PRESETS, ExitCode
-from rtlocal.errors import RtlocalError
+from rtlocal.errors import RtlocalError, UsageError
 
 app = typer.Typer(
     name="rtlocal",
@@ -85,15 +86,23 @@ def _calibration_profile(flag: Path | None, settings, has_tokens: bool) -> Path 
     return Path(settings.calibration).expanduser() if settings.calibration and has_tokens else None
 
 
+def _check_usage(
+    *, strictness: str | None = None, threshold: str | None = None, bias: str | None = None, mode: str = "threshold",
+    decision_temperature: float = 1.0,
+) -> None:
+    """Every flag value a command takes, checked before any model loads or data is read (UsageError: exit 2)."""
+    from rtlocal.policy import check_decision_temperature, check_flags
+
+    check_flags(strictness=strictness, thresholds=threshold, biases=bias, mode=mode)
+    check_decision_temperature(decision_temperature)
+
+
 def _policy(engine, strictness: str | None, threshold: str | None, bias: str | None, mode: str, calibration: Path | None = None):
     from rtlocal.calibration import apply_profile, strictness_mapper
     from rtlocal.models import load_settings
     from rtlocal.policy import Mode, build_policy
 
-    try:
-        mode_v = Mode(mode)
-    except ValueError:
-        raise RtlocalError(f"--mode must be threshold, bias or free, got {mode!r}") from None
+    mode_v = Mode(mode)  # checked by _check_usage
     settings = load_settings()
     info = engine.refusal
     if not info.present and (strictness or threshold or bias):
@@ -147,18 +156,18 @@ def generate(
     from rtlocal.engine import SamplingParams
 
     if json_out and jsonl_out:
-        raise RtlocalError("choose one of --json and --jsonl")
+        raise UsageError("choose one of --json and --jsonl")
     if input is not None and prompt:
-        raise RtlocalError("give a prompt or --input, not both")
+        raise UsageError("give a prompt or --input, not both")
+    _check_usage(strictness=strictness, threshold=threshold, bias=bias, mode=mode, decision_temperature=decision_temperature)
     sampling = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed)
     if input is None:
-        text = " ".join(prompt or [])
-        if not text:
+        if prompt:
+            text = gen.check_prompt(" ".join(prompt), "the prompt argument")
+        else:
             if sys.stdin is None or sys.stdin.isatty():
                 raise RtlocalError("no prompt: pass one as an argument, on stdin, or with --input FILE.jsonl")
-            text = sys.stdin.read().strip()
-            if not text:
-                raise RtlocalError("no prompt: stdin was empty")
+            text = gen.check_prompt(sys.stdin.read(), "stdin").strip()
     if input is not None and str(input) != "-" and not input.exists():
         raise RtlocalError(f"{input}: no such file")
     engine = _engine(model, threads, ctx, n_gpu_layers)
@@ -204,14 +213,14 @@ def chat(
     from rtlocal.chat import ChatSession, run_repl
     from rtlocal.engine import SamplingParams
 
+    _check_usage(strictness=strictness, threshold=threshold, bias=bias, mode=mode)
+    sampling = SamplingParams(temperature=temperature, seed=seed)
     if model is None and not no_build:
         _ensure_default_model()
     engine = _engine(model, threads, ctx, n_gpu_layers)
     try:
         policy = _policy(engine, strictness, threshold, bias, mode, calibration)
-        session = ChatSession(
-            engine, policy, system=system, sampling=SamplingParams(temperature=temperature, seed=seed), max_tokens=max_tokens
-        )
+        session = ChatSession(engine, policy, system=system, sampling=sampling, max_tokens=max_tokens)
         if plain or not (sys.stdin.isatty() and sys.stdout.isatty()):
             run_repl(session, sys.stdin, sys.stdout)
         else:
@@ -317,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         if _DEBUG:
             raise
         print(f"Error: {e}", file=sys.stderr)
-        return int(ExitCode.ERROR)
+        return int(ExitCode.USAGE if isinstance(e, UsageError) else ExitCode.ERROR)
     except typer.Exit as e:
         return int(e.exit_code)
     except KeyboardInterrupt:

@@ -51,7 +51,7 @@ class _ProgressBar:
 def register(app: typer.Typer) -> None:
     """Add the `eval` and `calibrate` commands to the rtlocal app."""
     from rtlocal import cli as c
-    from rtlocal.errors import RtlocalError
+    from rtlocal.errors import RtlocalError, UsageError
 
     ModelArg = Annotated[str, typer.Argument(help="GGUF path or model name.")]
     DataOpt = Annotated[str, typer.Option("--data", "-d", help="A CoCoNot folder, a hub id (allenai/coconot), an XSTest CSV or a JSONL file (prompt, should_refuse, category).")]
@@ -89,9 +89,10 @@ def register(app: typer.Typer) -> None:
         from rtlocal.judge import load_judge
         from rtlocal.models import load_settings
 
+        c._check_usage(strictness=strictness, threshold=threshold)
         options = evaluate.RunOptions(mode=mode, system=system, max_tokens=max_tokens, temperature=temperature, seed=seed)
         if judge and mode != evaluate.GENERATE:
-            raise RtlocalError("--judge applies to --mode generate")
+            raise UsageError("--judge applies to --mode generate")
         others = [load_report(p) for p in compare or []]
         dataset = evaluate.load_data(data, split=split, limit=limit)
         engine = c._engine(model, threads, ctx, n_gpu_layers)

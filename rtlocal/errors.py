@@ -1,10 +1,14 @@
-"""The one error type users see. The CLI prints it as a single `Error: ...` line and exits 1."""
+"""The one error type users see. The CLI prints it as a single `Error: ...` line and exits 1 (2 for bad usage)."""
 
 from __future__ import annotations
 
 
 class RtlocalError(Exception):
     """A problem the user can fix: bad input, a missing file, an unsupported model."""
+
+
+class UsageError(RtlocalError):
+    """A flag value out of range, a repeated or contradictory flag: found before any model loads, exit 2."""
 
 
 class MissingExtraError(RtlocalError):

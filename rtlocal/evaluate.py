@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from rtlocal.constants import COCONOT_CATEGORIES
-from rtlocal.errors import RtlocalError
+from rtlocal.errors import RtlocalError, UsageError
 from rtlocal.jsonl import read_objects
 from rtlocal.paths import atomic_write_text
 
@@ -387,10 +387,16 @@ class RunOptions:
     decision_temperature: float = 1.0
 
     def __post_init__(self) -> None:
+        """Bad values are bad usage (exit 2), found before a model loads."""
+        from rtlocal.engine import SamplingParams
+        from rtlocal.policy import check_decision_temperature
+
         if self.mode not in MODES:
-            raise RtlocalError(f"--mode must be {' or '.join(MODES)}, got {self.mode!r}")
+            raise UsageError(f"--mode must be {' or '.join(MODES)}, got {self.mode!r}")
         if self.max_tokens < 1:
-            raise RtlocalError(f"--max-tokens must be at least 1, got {self.max_tokens}")
+            raise UsageError(f"--max-tokens must be at least 1, got {self.max_tokens}")
+        SamplingParams(temperature=self.temperature, seed=self.seed)
+        check_decision_temperature(self.decision_temperature)
 
 
 def score_items(

@@ -40,9 +40,16 @@ def read_jsonl(path: Path | str, *, system: str | None = None, skip_bad: bool = 
                 print(f"warning: skipped {msg}", file=warn)
 
 
+def check_prompt(text: str, where: str) -> str:
+    """A prompt with no text but whitespace is refused wherever it comes from (argument, stdin, JSONL)."""
+    if not text.strip():
+        raise RtlocalError(f"no prompt: {where} is empty")
+    return text
+
+
 def _item(obj: dict[str, Any], n: int, system: str | None) -> Item:
     if isinstance(obj.get("prompt"), str):
-        msgs = [Message("user", obj["prompt"])]
+        msgs = [Message("user", check_prompt(obj["prompt"], '"prompt"'))]
     elif isinstance(obj.get("messages"), list):
         msgs = messages_from_dicts(obj["messages"], "messages")
     else:

@@ -124,7 +124,7 @@ def test_config_file_sets_defaults(tiny_gguf, rtlocal_home, capsys):
 )
 def test_bad_flags_one_line_error(tiny_gguf, capsys, args, message):
     rc, out, err = run(["generate", "-m", str(tiny_gguf), *args, "hi"], capsys)
-    assert rc == 1 and out == ""
+    assert rc == 2 and out == ""  # bad usage (README: exit codes)
     assert err.startswith("Error: ") and message in err and err.count("\n") == 1
 
 
