@@ -189,11 +189,13 @@ def register(app: typer.Typer) -> None:
 
 
 def _print_eval_summary(report: dict, files: dict) -> None:
-    from rtlocal.eval_report import pct
+    from rtlocal.eval_report import num, pct
 
     s = report["summary"]
     auc = f", ROC AUC {s['roc_auc']:.3f}" if s.get("roc_auc") is not None else ""
-    print(f"{report['label']}: refusal rate {pct(s['refusal_rate'])}, over-refusal {pct(s['over_refusal_rate'])}, F1 {s['f1']:.3f}{auc} (n={report['n']})")
+    print(f"{report['label']}: refusal rate {pct(s['refusal_rate'])}, over-refusal {pct(s['over_refusal_rate'])}, F1 {num(s['f1'])}{auc} (n={report['n']})")
+    if s.get("note"):
+        print(f"  not measured: {s['note']}")
     for row in (report.get("control") or {}).get("rows", []):
         print(f"  control: {row['category']} off -> its rate {pct(row['after'][row['category']])}, max other shift "
               f"{100 * row['max_other_shift']:.1f} pts: {'pass' if row['passed'] else 'FAIL'}")

@@ -347,3 +347,21 @@ def test_compare_puts_runs_side_by_side(tiny_gguf, tiny_plain_gguf, labelled, tm
     assert "## Side by side" in md and "tiny-plain-f16.gguf (generate)" in md and "tiny-rt-f16.gguf (first-token)" in md
     rc, _, err = run_cli(["eval", str(tiny_gguf), "--out", str(tmp_path / "c"), "--compare", str(tmp_path / "nothing"), *base], capsys)
     assert rc == 1 and "no report.json" in error_line(err)
+
+
+@pytest.mark.parametrize("plots", ["--plots", "--no-plots"])
+@pytest.mark.parametrize("should_refuse", [True, False], ids=["only-should-refuse", "only-should-answer"])
+def test_one_kind_of_prompt_reports_what_it_can(should_refuse, plots, tiny_gguf, tmp_path, capsys):
+    rows = [{"id": f"p{i}", "prompt": p, "should_refuse": should_refuse, "category": c} for i, (p, _, c) in enumerate(PROMPTS) if c]
+    data = write_jsonl(tmp_path / "one.jsonl", rows)
+    out = tmp_path / "out"
+    rc, stdout, err = run_cli(["eval", str(tiny_gguf), "--data", str(data), "--out", str(out), plots, "--ctx", "256", "--bootstrap", "20"], capsys)
+    assert rc == 0, err
+    s = json.loads((out / "report.json").read_text())["summary"]
+    assert s["roc_auc"] is None and s["pr_auc"] is None and "ROC AUC" in s["note"]
+    measured, missing = ("refusal_rate", "over_refusal_rate") if should_refuse else ("over_refusal_rate", "refusal_rate")
+    assert isinstance(s[measured], float) and s[missing] is None
+    assert "Not measured: only should-" in (out / "report.md").read_text()
+    assert "not measured: only should-" in stdout
+    if plots == "--plots":
+        assert (out / "roc.png").read_bytes()[:4] == b"\x89PNG" and (out / "tradeoff.png").exists()
