@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 import typer
 
 from rtlocal.constants import STRICTNESS_PRESETS, ExitCode
-from rtlocal.errors import RtlocalError, UsageError
+from rtlocal.errors import Interrupted, RtlocalError, UsageError
 
 app = typer.Typer(
     name="rtlocal",
@@ -183,7 +183,7 @@ def generate(
         fmt = "json" if json_out else "jsonl" if jsonl_out else "text"
         _, refused = gen.run(
             engine, items, policy, sampling=sampling, max_tokens=max_tokens, fmt=fmt, out=sys.stdout,
-            err=sys.stderr, decision_temperature=decision_temperature, show_decision=sys.stderr.isatty(),
+            err=sys.stderr, decision_temperature=decision_temperature, show_decision=sys.stderr.isatty(), skip_bad=skip_bad,
         )
     finally:
         engine.close()
@@ -327,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"Error: {e}", file=sys.stderr)
         return int(ExitCode.USAGE if isinstance(e, UsageError) else ExitCode.ERROR)
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        return int(ExitCode.INTERRUPTED)
     except typer.Exit as e:
         return int(e.exit_code)
     except KeyboardInterrupt:
@@ -344,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"Error: {type(e).__name__}: {e} (run with --debug for a traceback)", file=sys.stderr)
         return int(ExitCode.ERROR)
+    if rc == ExitCode.INTERRUPTED:  # Typer turns Ctrl-C in a command into a silent return of 130
+        print("interrupted", file=sys.stderr)
     return rc if isinstance(rc, int) else int(ExitCode.OK)
 
 

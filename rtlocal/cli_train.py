@@ -6,14 +6,12 @@ torch; finetune/ does, inside its functions, after `require_train_extra` has che
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
-from rtlocal.constants import ExitCode
-from rtlocal.errors import RtlocalError, require_train_extra
+from rtlocal.errors import Interrupted, RtlocalError, require_train_extra
 
 DATA_HELP = (
     "Data source, repeatable: builtin, coconot-refusal:FILE|allenai/coconot, coconot-contrast:FILE|allenai/coconot, "
@@ -44,8 +42,7 @@ def _config(recipe: str | None, config_file: Path | None, flags: dict[str, Any])
 
 
 def _interrupted(what: str) -> None:
-    print(f"{what} interrupted: a checkpoint was saved; run the same command with --resume to continue", file=sys.stderr)
-    raise typer.Exit(int(ExitCode.INTERRUPTED))
+    raise Interrupted(f"{what} interrupted: a checkpoint was saved; run the same command with --resume to continue")
 
 
 def register(app: typer.Typer, data_app: typer.Typer) -> None:

@@ -351,7 +351,7 @@ class Engine:
             tail = decoder.decode(b"", final=True)
             if tail:
                 yield tail
-        except GeneratorExit:
+        except (GeneratorExit, KeyboardInterrupt):
             stats.stop_reason = "cancelled"
             raise
         finally:

@@ -11,6 +11,13 @@ class UsageError(RtlocalError):
     """A flag value out of range, a repeated or contradictory flag: found before any model loads, exit 2."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C, with what was kept: the CLI prints the message (default 'interrupted') and exits 130."""
+
+    def __init__(self, message: str = "interrupted"):
+        super().__init__(message)
+
+
 class MissingExtraError(RtlocalError):
     """A command needs the optional `train` extra (torch, transformers, peft)."""
 
