@@ -79,6 +79,7 @@ def register(app: typer.Typer) -> None:
         plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG plots (needs matplotlib: the 'plots' extra).")] = True,
         restart: RestartOpt = False,
         label: Annotated[Optional[str], typer.Option("--label", help="The run's name in reports and comparisons (default: model, mode and policy flags).")] = None,
+        force: Annotated[bool, typer.Option("--force", help="Write into an --out folder that holds other files.")] = False,
         threads: c.ThreadsOpt = None,
         ctx: c.CtxOpt = None,
         n_gpu_layers: c.GpuOpt = None,
@@ -87,12 +88,17 @@ def register(app: typer.Typer) -> None:
         from rtlocal import evaluate
         from rtlocal.eval_report import load_report
         from rtlocal.judge import load_judge
-        from rtlocal.models import load_settings
+        from rtlocal.models import load_settings, resolve_model
+        from rtlocal.paths import LOCK_FILE, check_output_folder
 
         c._check_usage(strictness=strictness, threshold=threshold)
         options = evaluate.RunOptions(mode=mode, system=system, max_tokens=max_tokens, temperature=temperature, seed=seed)
         if judge and mode != evaluate.GENERATE:
             raise UsageError("--judge applies to --mode generate")
+        out_dir = check_output_folder(
+            out or Path(f"eval-{resolve_model(model, load_settings()).stem}-{mode}"),
+            markers=(evaluate.RECORDS_FILE, "report.json", LOCK_FILE), force=force,
+        )
         others = [load_report(p) for p in compare or []]
         dataset = evaluate.load_data(data, split=split, limit=limit)
         engine = c._engine(model, threads, ctx, n_gpu_layers)
@@ -101,7 +107,6 @@ def register(app: typer.Typer) -> None:
             policy = c._policy(engine, strictness, threshold, None, "threshold", calibration)
             if mode == evaluate.GENERATE:
                 judge_obj = load_judge(judge, n_ctx=ctx, n_threads=threads)
-            out_dir = out or Path(f"eval-{engine.path.stem}-{mode}")
             if label is None:
                 flags = [mode] + [f"{n} {v}" for n, v in (("strictness", strictness), ("threshold", threshold)) if v]
                 calibrated = c._calibration_profile(calibration, load_settings(), engine.refusal.present) is not None

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rtlocal.errors import RtlocalError, UsageError
+from rtlocal.errors import ContextFull, RtlocalError, UsageError
 from rtlocal.metadata import RefusalInfo, read_refusal_info, scan_header
 from rtlocal.policy import Decision, Mode, Policy, decide
 from rtlocal.prompts import Message, PromptBuilder
@@ -225,7 +225,7 @@ class Engine:
     def _eval_prompt(self, ids: Sequence[int]) -> int:
         """Evaluate a prompt, reusing the longest cached prefix. Returns the number of reused tokens."""
         if len(ids) >= self.n_ctx:
-            raise RtlocalError(f"the prompt is {len(ids)} tokens, longer than the context ({self.n_ctx}); use --ctx")
+            raise ContextFull(len(ids), self.n_ctx)
         cached = self.llm.input_ids[: self.llm.n_tokens]
         reuse = 0
         for a, b in zip(cached, ids):

@@ -11,6 +11,14 @@ class UsageError(RtlocalError):
     """A flag value out of range, a repeated or contradictory flag: found before any model loads, exit 2."""
 
 
+class ContextFull(RtlocalError):
+    """A prompt (a whole conversation, in chat) longer than the model's context."""
+
+    def __init__(self, n_tokens: int, n_ctx: int):
+        self.n_tokens, self.n_ctx = n_tokens, n_ctx
+        super().__init__(f"the prompt is {n_tokens} tokens, longer than the context ({n_ctx}); use --ctx")
+
+
 class Interrupted(Exception):
     """Ctrl-C, with what was kept: the CLI prints the message (default 'interrupted') and exits 130."""
 

@@ -415,13 +415,36 @@ def score_items(
     first-token: one prompt evaluation, p_k for every refusal category, no generation.
     generate: the full answer (decided by `policy` on refusal-token models) and the judge's verdict.
     """
-    from rtlocal.engine import SamplingParams
-    from rtlocal.generate import single_item
+    from rtlocal.paths import lock_folder
 
+    _check_run(engine, options, judge)
+    if out_dir is None:
+        return _score_items(engine, items, policy, options=options, judge=judge, out_dir=None, restart=restart, progress=progress)
+    with lock_folder(out_dir, "rtlocal eval or calibrate run"):
+        return _score_items(engine, items, policy, options=options, judge=judge, out_dir=out_dir, restart=restart, progress=progress)
+
+
+def _check_run(engine: Any, options: RunOptions, judge: Any) -> None:
     if options.mode == FIRST_TOKEN and not engine.refusal.present:
         raise RtlocalError(f"{engine.path.name} has no refusal tokens: first-token mode needs them (use --mode generate)")
     if options.mode == GENERATE and judge is None:
         raise ValueError("generate mode needs a judge")
+
+
+def _score_items(
+    engine: Any,
+    items: Sequence[EvalItem],
+    policy: Any,
+    *,
+    options: RunOptions,
+    judge: Any,
+    out_dir: Path | None,
+    restart: bool,
+    progress: Progress | None,
+) -> tuple[list[Record], dict[str, Any]]:
+    from rtlocal.engine import SamplingParams
+    from rtlocal.generate import single_item
+
     header: dict[str, Any] = {
         "schema": CACHE_SCHEMA,
         "mode": options.mode,
@@ -553,12 +576,21 @@ def run(
     Returns:
         The report and the written files by kind.
     """
-    from rtlocal.eval_report import build_report, write_report
-    from rtlocal.metrics import DEFAULT_BOOTSTRAP
+    from rtlocal.paths import lock_folder
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise RtlocalError(f"--out {out_dir}: exists and is not a folder")
+    _check_run(engine, options, judge)
+    with lock_folder(out_dir, "rtlocal eval"):  # from the first cached result to the last report file
+        return _run(engine, dataset, policy, options=options, out_dir=out_dir, judge=judge, restart=restart, progress=progress,
+                    n_boot=n_boot, plots=plots, compare=compare, limit=limit, label=label)
+
+
+def _run(engine, dataset, policy, *, options, out_dir, judge, restart, progress, n_boot, plots, compare, limit, label):
+    from rtlocal.eval_report import build_report, write_report
+    from rtlocal.metrics import DEFAULT_BOOTSTRAP
+
     records, timing = score_items(
         engine, dataset.items, policy, options=options, judge=judge, out_dir=out_dir, restart=restart, progress=progress
     )

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,3 +164,93 @@ def check_output(
         if not same_kind:
             raise RtlocalError(f"{p} exists and is not a {kind.name}: pass --force to replace it")
     return p
+
+
+def check_output_folder(path: Path | str, *, markers: Iterable[str], force: bool = False, flag: str = "--out") -> Path:
+    """The folder form of `check_output`: an existing folder is written into only when it is empty or
+    holds one of `markers` (files this command writes there), or with --force."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise RtlocalError(f"{flag} {p}: exists and is not a folder")
+    if p.is_dir() and not force:
+        names = {c.name for c in p.iterdir()}
+        if names and not names & set(markers):
+            raise RtlocalError(f"{flag} {p}: a folder with other files in it; choose another, or pass --force to write into it")
+    return p
+
+
+LOCK_FILE = ".rtlocal.lock"
+_held: dict[Path, int] = {}  # folders this process holds, with how many holders (nested runs)
+
+
+@contextmanager
+def lock_folder(folder: Path | str, what: str) -> Iterator[Path]:
+    """Hold FOLDER/.rtlocal.lock for one run: a second run on the same folder (another process) fails
+    at once with a clear error instead of both writing and one losing its results.
+
+    An OS lock (flock), so a crashed run never leaves the folder locked. Re-entrant within a process.
+    """
+    folder = Path(folder).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RtlocalError(f"cannot write {folder}: {e.strerror or e}") from e
+    key = folder.resolve()
+    if key in _held:
+        _held[key] += 1
+        try:
+            yield folder
+        finally:
+            _held[key] -= 1
+        return
+    path = folder / LOCK_FILE
+    try:
+        f = open(path, "a+", encoding="utf-8")
+    except OSError as e:
+        raise RtlocalError(f"cannot write {path}: {e.strerror or e}") from e
+    try:
+        if not _try_lock(f):
+            f.seek(0)
+            holder = f.read().strip()
+            raise RtlocalError(f"{folder} is in use by another {what}{f' (pid {holder})' if holder else ''}: wait for it to finish, or choose another --out")
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        _held[key] = 1
+        try:
+            yield folder
+        finally:
+            del _held[key]
+            _unlock(f)
+    finally:
+        f.close()
+
+
+try:
+    import fcntl
+
+    def _try_lock(f) -> bool:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            return False
+
+    def _unlock(f) -> None:
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+except ImportError:  # pragma: no cover - Windows
+    import msvcrt
+
+    def _try_lock(f) -> bool:
+        try:
+            f.seek(0)
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+
+    def _unlock(f) -> None:
+        f.seek(0)
+        msvcrt.locking(f.fileno(), msvcrt.LK_UNLCK, 1)

@@ -279,3 +279,35 @@ def test_a_real_ctrl_c_exits_130_with_the_lines_so_far(tiny_gguf, tmp_path):
     assert err.strip().splitlines()[-1] == "interrupted"
     lines = [first, *rest.splitlines()]
     assert json.loads(lines[0])["id"] == 0 and all(json.loads(x) for x in lines if x.strip())
+
+
+# ------------------------------------------------------------------ the chat REPL carries on
+
+
+def _repl(args, capsys, monkeypatch, script: bytes):
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(script), encoding="utf-8"))
+    rc = main(["chat", "--plain", *args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _answers(out: str) -> int:
+    return out.count("[respond") + out.count("[refused")
+
+
+def test_chat_repl_survives_a_line_that_is_not_utf8(tiny_gguf, capsys, monkeypatch):
+    rc, out, err = _repl(["-m", str(tiny_gguf), "-n", "2", "--seed", "1"], capsys, monkeypatch, b"Hello\ncaf\xe9 \xff\nagain\n/quit\n")
+    assert rc == 0, err
+    assert "error: that line is not valid UTF-8 (byte 4); it was ignored" in out
+    assert _answers(out) == 2  # the turns before and after it
+
+
+def test_chat_repl_offers_to_drop_the_oldest_turns(tiny_gguf, capsys, monkeypatch):
+    long = b"Tell me a story about the sea and the boats that come home at night " * 3
+    script = b"\n".join([long] * 8 + [b"/drop", b"short one", b"/quit"]) + b"\n"
+    rc, out, err = _repl(["-m", str(tiny_gguf), "-n", "4", "--ctx", "256", "--seed", "1"], capsys, monkeypatch, script)
+    assert rc == 0, err
+    assert "no longer fits the context" in out and "/drop forgets the oldest" in out
+    assert "forgot the oldest" in out
+    # every message was answered, the one that did not fit after /drop; nothing ended the session
+    assert _answers(out) == 8 - out.count("no longer fits the context") + 1 + 1
