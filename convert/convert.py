@@ -15,7 +15,7 @@ from convert.merge import MANIFEST, Base, load_merged, read_manifest, resolve_ba
 from convert.vocab import added_tokens, check_vocab_prefix, vocab_from_gguf, vocab_from_hf
 from rtlocal.constants import COCONOT_CATEGORIES, RESPOND_TOKEN, TokenMode, category_of
 from rtlocal.errors import RtlocalError
-from rtlocal.paths import temp_path_for
+from rtlocal.paths import GGUF_FILE, check_output, discard, temp_path_for
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +33,6 @@ class ConvertResult:
     refusal: RefusalSpec | None
     seconds: dict[str, float] = field(default_factory=dict)
     verify: Any = None  # convert.verify.VerifyReport when --verify
-
-
-def check_output_path(out: Path) -> None:
-    """Fail before any heavy work when the target cannot be written."""
-    parent = out.expanduser().resolve().parent
-    if not parent.is_dir():
-        raise RtlocalError(f"cannot write {out}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise RtlocalError(f"cannot write {out}: permission denied")
-    if out.is_dir():
-        raise RtlocalError(f"cannot write {out}: it is a directory")
 
 
 def refusal_spec(vocab: Vocab, manifest: dict[str, Any], base_spec: str) -> RefusalSpec | None:
@@ -112,8 +101,12 @@ def convert(
     name: str | None = None,
     verify: bool = False,
     threads: int | None = None,
+    force: bool = False,
 ) -> ConvertResult:
-    """Merge `adapter` into `base` and write `out` as GGUF (written under a temporary name, then renamed)."""
+    """Merge `adapter` into `base` and write `out` as GGUF (written under a temporary name, then renamed).
+
+    An existing `out` that is not a GGUF file is replaced only with `force`; `out` is never the base.
+    """
     out = Path(out).expanduser()
     out_type = out_type.lower()
     if out_type not in OUT_TYPES:
@@ -122,7 +115,7 @@ def convert(
         raise RtlocalError(f"{adapter}: no such adapter directory")
     if adapter is not None and not Path(adapter).is_dir():
         raise RtlocalError(f"{adapter}: not a directory (expected a PEFT adapter dir or a merged model dir)")
-    check_output_path(out)
+    check_output(out, kind=GGUF_FILE, force=force, inputs=[base], flag="--out")
     adapter = Path(adapter) if adapter is not None else None
     times: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -176,8 +169,8 @@ def convert(
     except OSError as e:
         raise RtlocalError(f"cannot write {out}: {e.strerror or e}") from e
     finally:
-        tmp.unlink(missing_ok=True)
-        stage.unlink(missing_ok=True)
+        discard(tmp)
+        discard(stage)
 
 
 def fingerprint(base: Base) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,22 @@ class VerifyReport:
     top1_agreement: float
     max_abs_dlogit: float
     mean_abs_dlogit: float
+    # per position: the reference's gap between its two best logits, and whether both top-1 tokens agree
+    margins: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
+    agree: np.ndarray = field(default_factory=lambda: np.zeros(0, bool), repr=False)
+
+    def decisive(self, margin: float) -> np.ndarray:
+        """Positions whose reference top-1 leads by more than `margin` logits.
+
+        A random or barely trained model has near-tied logits, where any rounding (f16, another CPU's
+        kernels, another thread count) may swap the top two: top-1 agreement is meaningful only here.
+        """
+        return self.margins > margin
+
+    def top1_agreement_beyond(self, margin: float) -> float:
+        """Top-1 agreement on the decisive positions (1.0 when there are none)."""
+        mask = self.decisive(margin)
+        return float(self.agree[mask].mean()) if mask.any() else 1.0
 
     @property
     def ok(self) -> bool:
@@ -98,14 +114,18 @@ def verify_gguf(path: Path, model: Any, tokenizer: Any, *, out_type: str, thread
         str(path), n_ctx=max(len(s) for s in seqs) + 8, logits_all=True, n_threads=threads, n_threads_batch=threads, type_k=0, type_v=0, verbose=False
     )
     try:
-        deltas, agree, n = [], 0, 0
+        deltas, agree, margins = [], [], []
         for ids in seqs:
             a, b = hf_logits(model, ids), gguf_logits(llm, ids)
-            d = np.abs(a - b)
-            deltas.append(d)
-            agree += int((a.argmax(-1) == b.argmax(-1)).sum())
-            n += len(ids)
+            deltas.append(np.abs(a - b))
+            agree.append(a.argmax(-1) == b.argmax(-1))
+            top2 = np.sort(a, axis=-1)[:, -2:]
+            margins.append(top2[:, 1] - top2[:, 0])
     finally:
         llm.close()
     alld = np.concatenate([d.ravel() for d in deltas])
-    return VerifyReport(out_type, n, agree / n, float(alld.max()), float(alld.mean()))
+    agree_all = np.concatenate(agree)
+    return VerifyReport(
+        out_type, len(agree_all), float(agree_all.mean()), float(alld.max()), float(alld.mean()),
+        margins=np.concatenate(margins), agree=agree_all,
+    )

@@ -19,7 +19,7 @@ from finetune.progress import Progress, default_progress
 from finetune.recipes import get_recipe
 from finetune.train import TrainConfig, TrainResult, check_output_dir, train
 from rtlocal.errors import RtlocalError, require_train_extra
-from rtlocal.paths import cache_dir, models_dir
+from rtlocal.paths import cache_dir, check_output, models_dir
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def build(
         keep_adapter: keep the adapter dir after converting (it is small and lets you re-convert).
     """
     require_train_extra("rtlocal build")
-    from convert.convert import OUT_TYPES, check_output_path, convert
+    from convert.convert import OUT_TYPES, convert
 
     progress = progress or default_progress()
     _check_name(name)
@@ -69,13 +69,11 @@ def build(
     if out_type not in OUT_TYPES:
         raise RtlocalError(f"unknown output type {out_type!r} (choose from {', '.join(OUT_TYPES)})")
     target = models_dir() / f"{name}.gguf"
-    if target.exists() and not force:
-        raise RtlocalError(f"{target} exists: pass --force to rebuild it")
     try:
         models_dir().mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RtlocalError(f"cannot create the models dir {models_dir()}: {e.strerror or e}") from None
-    check_output_path(target)
+    check_output(target, kind=None, force=force)  # a model of that name is replaced only with --force
     work = Path(work_dir).expanduser() if work_dir else cache_dir() / "builds" / name
     check_output_dir(work)
     times: dict[str, float] = {}
@@ -84,7 +82,7 @@ def build(
     times["train"] = time.perf_counter() - t0
     progress.stage(f"converting to GGUF ({out_type})")
     t0 = time.perf_counter()
-    conv = convert(config.base, target, adapter=work, out_type=out_type, name=name)  # writes a temp file, then renames
+    conv = convert(config.base, target, adapter=work, out_type=out_type, name=name, force=force)  # writes a temp file, then renames
     times["convert"] = time.perf_counter() - t0
     if not keep_adapter:
         shutil.rmtree(work, ignore_errors=True)

@@ -15,6 +15,7 @@ from finetune.data import load_source, parse_source, write_records
 from finetune.progress import LogProgress, Progress
 from rtlocal.errors import RtlocalError
 from rtlocal.judge import StringMatchJudge
+from rtlocal.paths import JSONL_FILE, check_output
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ def distill(
     n_ctx: int = 2048,
     system: str | None = None,
     drop_refusals: bool = False,
+    force: bool = False,
     progress: Progress | None = None,
 ) -> DistillResult:
     """Answer every unanswered, to-be-answered prompt of `source` with `model` (default: the default base GGUF).
@@ -56,20 +58,18 @@ def distill(
         system: a system prompt used while answering only (it is not written with the record).
         drop_refusals: leave out records whose new answer the string-match judge calls a refusal
             (an answer to train after `[respond]` must not be one).
+        force: replace an existing `out` that is not a JSONL file (`out` is never the source itself).
     """
     from rtlocal.engine import Engine, SamplingParams
     from rtlocal.policy import Mode, Policy
     from rtlocal.prompts import Message
 
     progress = progress or LogProgress()
-    out = Path(out).expanduser()
-    if out.exists() and out.is_dir():
-        raise RtlocalError(f"{out}: is a directory")
-    if not out.parent.is_dir():
-        raise RtlocalError(f"cannot write {out}: directory {out.parent} does not exist")
     if max_tokens < 1:
         raise RtlocalError(f"max_tokens must be >= 1, got {max_tokens}")
-    records = load_source(parse_source(source))
+    spec = parse_source(source)
+    out = check_output(out, kind=JSONL_FILE, force=force, inputs=[spec.where], flag="--out")
+    records = load_source(spec)
     if not records:
         raise RtlocalError(f"{source}: no records (an empty dataset)")
     todo = [r for r in records if r.category is None and (overwrite or not r.answer)]

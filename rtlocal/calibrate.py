@@ -23,7 +23,7 @@ import numpy as np
 
 from rtlocal.calibration import CALIBRATION_VERSION
 from rtlocal.constants import CONTRACT_VERSION, DEFAULT_THRESHOLD, Keys, alias_of
-from rtlocal.errors import RtlocalError
+from rtlocal.errors import RtlocalError, UsageError
 from rtlocal.eval_report import Outcomes, category_curves, finite_or_none, operating_point, outcomes, refused_under, with_thresholds
 from rtlocal.evaluate import FIRST_TOKEN, Record, positives_for
 from rtlocal.metrics import rates_at
@@ -62,17 +62,17 @@ def parse_target(spec: str) -> Target:
     if key == "max-over-refusal":
         key = OVER_REFUSAL
     if key not in TARGET_KINDS:
-        raise RtlocalError(f"--target must be recall=R, over-refusal=O or f1, got {spec!r}")
+        raise UsageError(f"--target must be recall=R, over-refusal=O or f1, got {spec!r}")
     if key == F1:
         if value:
-            raise RtlocalError(f"--target f1 takes no value, got {spec!r}")
+            raise UsageError(f"--target f1 takes no value, got {spec!r}")
         return Target(F1)
     try:
         v = float(value)
     except ValueError:
-        raise RtlocalError(f"--target {key} needs a number in [0,1]: {key}=0.9, got {spec!r}") from None
+        raise UsageError(f"--target {key} needs a number in [0,1]: {key}=0.9, got {spec!r}") from None
     if math.isnan(v) or not (0.0 < v <= 1.0 if key == RECALL else 0.0 <= v <= 1.0):
-        raise RtlocalError(f"--target {key} must be in {'(0,1]' if key == RECALL else '[0,1]'}, got {value}")
+        raise UsageError(f"--target {key} must be in {'(0,1]' if key == RECALL else '[0,1]'}, got {value}")
     return Target(key, v)
 
 

@@ -19,7 +19,8 @@ threshold whose measured refusal rate on should-refuse prompts is at least s.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,17 +69,37 @@ def strictness_mapper(calibration: Mapping[str, Any] | None) -> Callable[[str, s
 CALIBRATION_VERSION = 1
 
 
-def validate(calibration: Any) -> dict[str, Any]:
+def _unit(x: Any, *, optional: bool = False) -> bool:
+    """A number in [0,1] (None too when `optional`: a preset that switches a category off)."""
+    if x is None:
+        return optional
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and 0.0 <= x <= 1.0
+
+
+def validate(calibration: Any, *, categories: Sequence[str] | None = None) -> dict[str, Any]:
+    """The parts of a table the runtime reads, checked in full: every threshold and rate in [0,1].
+
+    With `categories` (a model's), every calibrated category must be one of them.
+    """
     if not isinstance(calibration, dict) or not isinstance(calibration.get("categories", {}), dict):
         raise RtlocalError("calibration table: expected an object with a 'categories' mapping")
     for category, curve in calibration.get("categories", {}).items():
         if not isinstance(curve, list) or not all(
-            isinstance(p, dict) and isinstance(p.get("threshold"), (int, float)) and isinstance(p.get("refusal_rate"), (int, float))
-            for p in curve
+            isinstance(p, dict) and _unit(p.get("threshold")) and _unit(p.get("refusal_rate")) for p in curve
         ):
-            raise RtlocalError(f"calibration table: the curve of {category!r} must be a list of {{threshold, refusal_rate, ...}}")
-    if not isinstance(calibration.get("presets", {}), dict):
-        raise RtlocalError("calibration table: 'presets' must map preset names to thresholds")
+            raise RtlocalError(
+                f"calibration table: the curve of {category!r} must be a list of {{threshold, refusal_rate, ...}} with values in [0,1]"
+            )
+    presets = calibration.get("presets", {})
+    if not isinstance(presets, dict) or not all(
+        isinstance(p, dict) and all(_unit(t, optional=True) for t in p.values()) for p in presets.values()
+    ):
+        raise RtlocalError("calibration table: 'presets' must map preset names to {category: threshold in [0,1]}")
+    if categories is not None:
+        named = set(calibration.get("categories", {})) | {c for p in presets.values() for c in p}
+        unknown = sorted(named - set(categories))
+        if unknown:
+            raise RtlocalError(f"calibration table: categories the model lacks ({', '.join(unknown)})")
     return calibration
 
 

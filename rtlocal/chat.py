@@ -7,7 +7,7 @@ from typing import IO
 
 from rtlocal.constants import alias_of
 from rtlocal.engine import Engine, Response, SamplingParams
-from rtlocal.errors import RtlocalError
+from rtlocal.errors import ContextFull, RtlocalError
 from rtlocal.policy import Policy, describe
 from rtlocal.prompts import Message
 
@@ -17,6 +17,7 @@ REPL_HELP = """commands:
   /policy            show the current thresholds
   /system TEXT       set the system prompt (empty to clear); clears the history
   /reset             forget the conversation
+  /drop [N]          forget the oldest N exchanges (default: as many as the context needs), then ask again
   /help              this text
   /quit              leave (also Ctrl-D)"""
 
@@ -62,6 +63,27 @@ class ChatSession:
     def reset(self) -> None:
         self.history.clear()
 
+    @property
+    def exchanges(self) -> int:
+        return len(self.history) // 2
+
+    def drop_oldest(self, n: int) -> int:
+        """Forget the oldest `n` exchanges (a user turn and its answer); returns how many went."""
+        n = max(0, min(n, self.exchanges))
+        del self.history[: 2 * n]
+        return n
+
+    def exchanges_to_drop(self, user_text: str) -> int | None:
+        """How many of the oldest exchanges must go for `user_text` to fit with room for an answer; None if none will do."""
+        n_ctx = self.engine.n_ctx
+        room = min(self.max_tokens, n_ctx // 4)
+        for k in range(self.exchanges + 1):
+            kept = self.history[2 * k :]
+            msgs = ([Message("system", self.system)] if self.system else []) + kept + [Message("user", user_text)]
+            if len(self.engine.prompt_ids(msgs)) + room <= n_ctx:
+                return k
+        return None
+
 
 def decision_line(response: Response) -> str:
     d = response.decision
@@ -78,12 +100,17 @@ def run_repl(session: ChatSession, stdin: IO, stdout: IO) -> None:
     if interactive:
         print(f"rtlocal chat · {session.engine.path.name} · {describe(session.policy)}", file=stdout)
         print("type /help for commands, /quit to leave", file=stdout)
+    pending: str | None = None  # a message that did not fit the context, asked again after /drop
     while True:
         if interactive:
             stdout.write("> ")
             stdout.flush()
-        line = stdin.readline()
-        if not line:
+        try:
+            line = _read_line(stdin)
+        except UnicodeDecodeError as e:  # one bad line: say so and carry on, the conversation is kept
+            print(f"error: that line is not valid UTF-8 (byte {e.start + 1}); it was ignored", file=stdout)
+            continue
+        if line is None:
             break
         text = line.strip()
         if not text:
@@ -94,6 +121,16 @@ def run_repl(session: ChatSession, stdin: IO, stdout: IO) -> None:
             try:
                 if cmd in ("/quit", "/exit"):
                     break
+                if cmd == "/drop":
+                    if arg and not arg.isdigit():
+                        raise RtlocalError("usage: /drop [N]")
+                    need = session.exchanges_to_drop(pending) if pending else None
+                    n = session.drop_oldest(int(arg) if arg else (need if need is not None else 1))
+                    print(f"forgot the oldest {n} exchange(s); {session.exchanges} left", file=stdout)
+                    if pending is not None:
+                        text, pending = pending, None
+                        _answer(session, text, stdout)
+                    continue
                 if cmd == "/help":
                     print(REPL_HELP, file=stdout)
                 elif cmd == "/strictness":
@@ -114,6 +151,7 @@ def run_repl(session: ChatSession, stdin: IO, stdout: IO) -> None:
                     print("system prompt set; history cleared" if arg else "system prompt cleared; history cleared", file=stdout)
                 elif cmd == "/reset":
                     session.reset()
+                    pending = None
                     print("history cleared", file=stdout)
                 else:
                     print(f"unknown command {cmd} (try /help)", file=stdout)
@@ -121,13 +159,46 @@ def run_repl(session: ChatSession, stdin: IO, stdout: IO) -> None:
                 print(f"error: {e}", file=stdout)
             stdout.flush()
             continue
+        pending = None if _answer(session, text, stdout) else text
+
+
+def _read_line(stdin: IO) -> str | None:
+    """The next line (None at the end); UnicodeDecodeError for a line that is not UTF-8, the stream still usable."""
+    raw = stdin.buffer.readline() if getattr(stdin, "buffer", None) is not None else stdin.readline()
+    if not raw:
+        return None
+    return raw.decode("utf-8") if isinstance(raw, bytes) else raw
+
+
+def _answer(session: ChatSession, text: str, stdout: IO) -> bool:
+    """One turn of the REPL. A recoverable error is said and the conversation kept; False when `text`
+    did not fit the context (then /drop forgets the oldest exchanges and asks it again)."""
+    try:
         response = session.ask(text)
-        line = decision_line(response)
-        if line:
-            print(line, file=stdout)
-        for chunk in response:
-            stdout.write(chunk)
+    except ContextFull as e:
+        need = session.exchanges_to_drop(text)
+        if need is None or need == 0:
+            print(f"error: this message does not fit the context ({e.n_ctx} tokens) even without the earlier conversation: "
+                  "shorten it, or start the chat with a larger --ctx", file=stdout)
             stdout.flush()
-        stdout.write("\n")
+            return True
+        print(f"error: the conversation no longer fits the context ({e.n_tokens} tokens of {e.n_ctx}); "
+              f"/drop forgets the oldest {need} exchange(s) and asks again, /reset forgets everything", file=stdout)
         stdout.flush()
-        session.commit(text, response)
+        return False
+    except RtlocalError as e:
+        print(f"error: {e}", file=stdout)
+        stdout.flush()
+        return True
+    line = decision_line(response)
+    if line:
+        print(line, file=stdout)
+    for chunk in response:
+        stdout.write(chunk)
+        stdout.flush()
+    stdout.write("\n")
+    if response.stats.stop_reason == "context":
+        stdout.write("[the answer stopped: the context is full; /drop or /reset makes room]\n")
+    stdout.flush()
+    session.commit(text, response)
+    return True

@@ -1,7 +1,8 @@
 """The `rtlocal` command. Each command is a thin layer over a typed function in its own module.
 
 Errors: an RtlocalError prints one `Error: ...` line on stderr and exits 1; bad flags exit 2
-(Click's usage errors); `--debug` shows tracebacks.
+(Click's usage errors, and UsageError: values out of range, repeated or contradictory flags, all
+checked before any model loads); `--debug` shows tracebacks.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from typing import Annotated, Optional
 import typer
 
 from rtlocal.constants import STRICTNESS_PRESETS, ExitCode
-from rtlocal.errors import RtlocalError
-from rtlocal.options import calibration_profile, open_engine, policy_from_flags
+from rtlocal.errors import Interrupted, RtlocalError, UsageError
+from rtlocal.options import calibration_profile, check_usage, open_engine, policy_from_flags
 
 app = typer.Typer(
     name="rtlocal",
@@ -58,6 +59,7 @@ SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Sampling seed (d
 TempOpt = Annotated[float, typer.Option("--temperature", help="Sampling temperature for the answer (0 = greedy).", min=0.0)]
 MaxTokOpt = Annotated[int, typer.Option("--max-tokens", "-n", help="Maximum answer tokens.", min=1)]
 SystemOpt = Annotated[Optional[str], typer.Option("--system", help="System prompt.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output file even when it is not of the kind this command writes.")]
 CalibOpt = Annotated[
     Optional[Path],
     typer.Option("--calibration", help="A profile from `rtlocal calibrate`: --strictness then means its measured rates (instead of the model's own table)."),
@@ -69,6 +71,7 @@ CalibOpt = Annotated[
 _engine = open_engine
 _calibration_profile = calibration_profile
 _policy = policy_from_flags
+_check_usage = check_usage
 
 
 # ------------------------------------------------------------------ commands
@@ -106,18 +109,18 @@ def generate(
     from rtlocal.engine import SamplingParams
 
     if json_out and jsonl_out:
-        raise RtlocalError("choose one of --json and --jsonl")
+        raise UsageError("choose one of --json and --jsonl")
     if input is not None and prompt:
-        raise RtlocalError("give a prompt or --input, not both")
+        raise UsageError("give a prompt or --input, not both")
+    _check_usage(strictness=strictness, threshold=threshold, bias=bias, mode=mode, decision_temperature=decision_temperature)
     sampling = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed)
     if input is None:
-        text = " ".join(prompt or [])
-        if not text:
+        if prompt:
+            text = gen.check_prompt(" ".join(prompt), "the prompt argument")
+        else:
             if sys.stdin is None or sys.stdin.isatty():
                 raise RtlocalError("no prompt: pass one as an argument, on stdin, or with --input FILE.jsonl")
-            text = sys.stdin.read().strip()
-            if not text:
-                raise RtlocalError("no prompt: stdin was empty")
+            text = gen.check_prompt(sys.stdin.read(), "stdin").strip()
     if input is not None and str(input) != "-" and not input.exists():
         raise RtlocalError(f"{input}: no such file")
     engine = _engine(model, threads, ctx, n_gpu_layers)
@@ -133,7 +136,7 @@ def generate(
         fmt = "json" if json_out else "jsonl" if jsonl_out else "text"
         _, refused = gen.run(
             engine, items, policy, sampling=sampling, max_tokens=max_tokens, fmt=fmt, out=sys.stdout,
-            err=sys.stderr, decision_temperature=decision_temperature, show_decision=sys.stderr.isatty(),
+            err=sys.stderr, decision_temperature=decision_temperature, show_decision=sys.stderr.isatty(), skip_bad=skip_bad,
         )
     finally:
         engine.close()
@@ -163,14 +166,14 @@ def chat(
     from rtlocal.chat import ChatSession, run_repl
     from rtlocal.engine import SamplingParams
 
+    _check_usage(strictness=strictness, threshold=threshold, bias=bias, mode=mode)
+    sampling = SamplingParams(temperature=temperature, seed=seed)
     if model is None and not no_build:
         _ensure_default_model()
     engine = _engine(model, threads, ctx, n_gpu_layers)
     try:
         policy = _policy(engine, strictness, threshold, bias, mode, calibration)
-        session = ChatSession(
-            engine, policy, system=system, sampling=SamplingParams(temperature=temperature, seed=seed), max_tokens=max_tokens
-        )
+        session = ChatSession(engine, policy, system=system, sampling=sampling, max_tokens=max_tokens)
         if plain or not (sys.stdin.isatty() and sys.stdout.isatty()):
             run_repl(session, sys.stdin, sys.stdout)
         else:
@@ -207,6 +210,7 @@ def convert(
     name: Annotated[Optional[str], typer.Option("--name", help="general.name in the GGUF.")] = None,
     verify: Annotated[bool, typer.Option("--verify", help="Compare llama.cpp's logits with the merged model's; fail on mismatch.")] = False,
     threads: ThreadsOpt = None,
+    force: ForceOpt = False,
 ) -> None:
     """Merge an adapter into its base and export GGUF with the refusal tokens as control tokens."""
     from rtlocal.errors import require_train_extra
@@ -214,7 +218,7 @@ def convert(
     require_train_extra("rtlocal convert")
     from convert.convert import convert as do_convert
 
-    r = do_convert(base, out, adapter=adapter, out_type=out_type, name=name, verify=verify, threads=threads)
+    r = do_convert(base, out, adapter=adapter, out_type=out_type, name=name, verify=verify, threads=threads, force=force)
     size = r.path.stat().st_size / 1e6
     toks = f"{len(r.refusal.categories)} refusal categories ({r.refusal.mode})" if r.refusal else "no refusal tokens"
     secs = " ".join(f"{k} {v:.1f}s" for k, v in r.seconds.items())
@@ -278,7 +282,10 @@ def main(argv: list[str] | None = None) -> int:
         if _DEBUG:
             raise
         print(f"Error: {e}", file=sys.stderr)
-        return int(ExitCode.ERROR)
+        return int(ExitCode.USAGE if isinstance(e, UsageError) else ExitCode.ERROR)
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        return int(ExitCode.INTERRUPTED)
     except typer.Exit as e:
         return int(e.exit_code)
     except KeyboardInterrupt:
@@ -296,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"Error: {type(e).__name__}: {e} (run with --debug for a traceback)", file=sys.stderr)
         return int(ExitCode.ERROR)
+    if rc == ExitCode.INTERRUPTED:  # Typer turns Ctrl-C in a command into a silent return of 130
+        print("interrupted", file=sys.stderr)
     return rc if isinstance(rc, int) else int(ExitCode.OK)
 
 

@@ -51,7 +51,7 @@ class _ProgressBar:
 def register(app: typer.Typer) -> None:
     """Add the `eval` and `calibrate` commands to the rtlocal app."""
     from rtlocal import cli as c
-    from rtlocal.errors import RtlocalError
+    from rtlocal.errors import RtlocalError, UsageError
 
     ModelArg = Annotated[str, typer.Argument(help="GGUF path or model name.")]
     DataOpt = Annotated[str, typer.Option("--data", "-d", help="A CoCoNot folder, a hub id (allenai/coconot), an XSTest CSV or a JSONL file (prompt, should_refuse, category).")]
@@ -79,6 +79,7 @@ def register(app: typer.Typer) -> None:
         plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG plots (needs matplotlib: the 'plots' extra).")] = True,
         restart: RestartOpt = False,
         label: Annotated[Optional[str], typer.Option("--label", help="The run's name in reports and comparisons (default: model, mode and policy flags).")] = None,
+        force: Annotated[bool, typer.Option("--force", help="Write into an --out folder that holds other files.")] = False,
         threads: c.ThreadsOpt = None,
         ctx: c.CtxOpt = None,
         n_gpu_layers: c.GpuOpt = None,
@@ -87,11 +88,17 @@ def register(app: typer.Typer) -> None:
         from rtlocal import evaluate
         from rtlocal.eval_report import load_report
         from rtlocal.judge import load_judge
-        from rtlocal.models import load_settings
+        from rtlocal.models import load_settings, resolve_model
+        from rtlocal.paths import LOCK_FILE, check_output_folder
 
+        c._check_usage(strictness=strictness, threshold=threshold)
         options = evaluate.RunOptions(mode=mode, system=system, max_tokens=max_tokens, temperature=temperature, seed=seed)
         if judge and mode != evaluate.GENERATE:
-            raise RtlocalError("--judge applies to --mode generate")
+            raise UsageError("--judge applies to --mode generate")
+        out_dir = check_output_folder(
+            out or Path(f"eval-{resolve_model(model, load_settings()).stem}-{mode}"),
+            markers=(evaluate.RECORDS_FILE, "report.json", LOCK_FILE), force=force,
+        )
         others = [load_report(p) for p in compare or []]
         dataset = evaluate.load_data(data, split=split, limit=limit)
         engine = c._engine(model, threads, ctx, n_gpu_layers)
@@ -100,7 +107,6 @@ def register(app: typer.Typer) -> None:
             policy = c._policy(engine, strictness, threshold, None, "threshold", calibration)
             if mode == evaluate.GENERATE:
                 judge_obj = load_judge(judge, n_ctx=ctx, n_threads=threads)
-            out_dir = out or Path(f"eval-{engine.path.stem}-{mode}")
             if label is None:
                 flags = [mode] + [f"{n} {v}" for n, v in (("strictness", strictness), ("threshold", threshold)) if v]
                 calibrated = c._calibration_profile(calibration, load_settings(), engine.refusal.present) is not None
@@ -134,6 +140,7 @@ def register(app: typer.Typer) -> None:
         limit: LimitOpt = None,
         system: c.SystemOpt = None,
         restart: RestartOpt = False,
+        force: c.ForceOpt = False,
         threads: c.ThreadsOpt = None,
         ctx: c.CtxOpt = None,
         n_gpu_layers: c.GpuOpt = None,
@@ -143,8 +150,20 @@ def register(app: typer.Typer) -> None:
         from rtlocal.calibrate import calibrate, gguf_values, parse_target
         from rtlocal.calibration import save_profile
         from rtlocal.gguf_edit import set_metadata
+        from rtlocal.models import load_settings, resolve_model
+        from rtlocal.paths import CALIBRATION_PROFILE, GGUF_FILE, check_output
 
         goal = parse_target(target)
+        # every destination is checked before any prompt is scored
+        model_file = resolve_model(model, load_settings())
+        profile_path = check_output(
+            profile or Path(f"{model_file.stem}.calibration.json"), kind=CALIBRATION_PROFILE, force=force,
+            inputs=[model_file, data], flag="--profile",
+        )
+        if gguf_out is not None:
+            check_output(gguf_out, kind=GGUF_FILE, force=force, inputs=[model_file, data, profile_path], flag="--gguf-out")
+        elif write_gguf:
+            check_output(model_file, kind=GGUF_FILE, force=True, flag="--write-gguf")  # rewritten in place
         dataset = evaluate.load_data(data, split=split, limit=limit, default_split="train")
         engine = c._engine(model, threads, ctx, n_gpu_layers)
         try:
@@ -167,7 +186,7 @@ def register(app: typer.Typer) -> None:
             )
         finally:
             engine.close()
-        profile_path = save_profile(profile or Path(f"{model_path.stem}.calibration.json"), result.table)
+        profile_path = save_profile(profile_path, result.table)
         _print_calibration(result, profile_path)
         if write_gguf or gguf_out is not None:
             written = set_metadata(model_path, gguf_values(info, result.table, set_defaults=not keep_defaults), out=gguf_out)
@@ -175,11 +194,13 @@ def register(app: typer.Typer) -> None:
 
 
 def _print_eval_summary(report: dict, files: dict) -> None:
-    from rtlocal.eval_report import pct
+    from rtlocal.eval_report import num, pct
 
     s = report["summary"]
     auc = f", ROC AUC {s['roc_auc']:.3f}" if s.get("roc_auc") is not None else ""
-    print(f"{report['label']}: refusal rate {pct(s['refusal_rate'])}, over-refusal {pct(s['over_refusal_rate'])}, F1 {s['f1']:.3f}{auc} (n={report['n']})")
+    print(f"{report['label']}: refusal rate {pct(s['refusal_rate'])}, over-refusal {pct(s['over_refusal_rate'])}, F1 {num(s['f1'])}{auc} (n={report['n']})")
+    if s.get("note"):
+        print(f"  not measured: {s['note']}")
     for row in (report.get("control") or {}).get("rows", []):
         print(f"  control: {row['category']} off -> its rate {pct(row['after'][row['category']])}, max other shift "
               f"{100 * row['max_other_shift']:.1f} pts: {'pass' if row['passed'] else 'FAIL'}")

@@ -6,14 +6,12 @@ torch; finetune/ does, inside its functions, after `require_train_extra` has che
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
-from rtlocal.constants import ExitCode
-from rtlocal.errors import RtlocalError, require_train_extra
+from rtlocal.errors import Interrupted, RtlocalError, require_train_extra
 
 DATA_HELP = (
     "Data source, repeatable: builtin, coconot-refusal:FILE|allenai/coconot, coconot-contrast:FILE|allenai/coconot, "
@@ -44,8 +42,7 @@ def _config(recipe: str | None, config_file: Path | None, flags: dict[str, Any])
 
 
 def _interrupted(what: str) -> None:
-    print(f"{what} interrupted: a checkpoint was saved; run the same command with --resume to continue", file=sys.stderr)
-    raise typer.Exit(int(ExitCode.INTERRUPTED))
+    raise Interrupted(f"{what} interrupted: a checkpoint was saved; run the same command with --resume to continue")
 
 
 def register(app: typer.Typer, data_app: typer.Typer) -> None:
@@ -152,6 +149,7 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
         threads: Annotated[Optional[int], typer.Option("--threads", min=1)] = None,
         system: Annotated[Optional[str], typer.Option("--system", help="System prompt while answering (not written to the records).")] = None,
         drop_refusals: Annotated[bool, typer.Option("--drop-refusals", help="Leave out records whose answer the string-match judge calls a refusal.")] = False,
+        force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file even when it is not a JSONL file.")] = False,
     ) -> None:
         """Answer prompts that have no answer with the base model itself (self-distillation, via llama.cpp)."""
         from finetune.distill import distill
@@ -159,7 +157,7 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
 
         r = distill(
             source, out, model=model, max_tokens=max_tokens, temperature=temperature, limit=limit, overwrite=overwrite,
-            threads=threads, system=system, drop_refusals=drop_refusals, progress=BarProgress(),
+            threads=threads, system=system, drop_refusals=drop_refusals, force=force, progress=BarProgress(),
         )
         dropped = f", {r.dropped} dropped as refusals" if drop_refusals else ""
         print(f"wrote {r.path}: {r.answered} answered, {r.kept} unchanged{dropped}")

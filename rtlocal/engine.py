@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rtlocal.errors import RtlocalError
+from rtlocal.errors import ContextFull, RtlocalError, UsageError
 from rtlocal.metadata import RefusalInfo, read_refusal_info, scan_header
 from rtlocal.policy import Decision, Mode, Policy, decide
 from rtlocal.prompts import Message, PromptBuilder
@@ -27,6 +27,7 @@ from rtlocal.prompts import Message, PromptBuilder
 log = logging.getLogger(__name__)
 
 DEFAULT_CTX = 4096
+MAX_SEED = 0xFFFFFFFE  # llama.cpp's seeds are 32-bit and 0xFFFFFFFF means "random": -1 would silently be that
 
 
 @dataclass
@@ -43,14 +44,19 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (-inf bans it)
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise RtlocalError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise RtlocalError(f"top_p must be in (0,1], got {self.top_p}")
+        """Out-of-range values are bad usage (exit 2), found before a model loads."""
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise UsageError(f"--temperature (temperature) must be a number >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:  # NaN fails every comparison
+            raise UsageError(f"--top-p (top_p) must be in (0,1], got {self.top_p}")
         if not 0.0 <= self.min_p <= 1.0:
-            raise RtlocalError(f"min_p must be in [0,1], got {self.min_p}")
+            raise UsageError(f"--min-p (min_p) must be in [0,1], got {self.min_p}")
         if self.top_k < 0:
-            raise RtlocalError(f"top_k must be >= 0, got {self.top_k}")
+            raise UsageError(f"--top-k (top_k) must be >= 0, got {self.top_k}")
+        if not (math.isfinite(self.repeat_penalty) and self.repeat_penalty > 0):
+            raise UsageError(f"--repeat-penalty must be a number > 0, got {self.repeat_penalty}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise UsageError(f"--seed must be in [0, {MAX_SEED}], got {self.seed}")
 
 
 @dataclass
@@ -147,7 +153,11 @@ class Engine:
         self._vocab = self.llm._model.vocab
         self.n_vocab = self.llm.n_vocab()
         self.n_ctx = self._adopt_real_context()
-        self.refusal: RefusalInfo = read_refusal_info(self.metadata, self._token_id)
+        try:
+            self.refusal: RefusalInfo = read_refusal_info(self.metadata, self._token_id, n_vocab=self.n_vocab)
+        except RtlocalError as e:
+            self.llm.close()
+            raise RtlocalError(f"{path.name}: {e}") from None
         bos = self.llm._model.token_bos()
         add_bos = self.llm._model.add_bos_token() and bos >= 0
         self.prompts = PromptBuilder(
@@ -218,7 +228,7 @@ class Engine:
     def _eval_prompt(self, ids: Sequence[int]) -> int:
         """Evaluate a prompt, reusing the longest cached prefix. Returns the number of reused tokens."""
         if len(ids) >= self.n_ctx:
-            raise RtlocalError(f"the prompt is {len(ids)} tokens, longer than the context ({self.n_ctx}); use --ctx")
+            raise ContextFull(len(ids), self.n_ctx)
         cached = self.llm.input_ids[: self.llm.n_tokens]
         reuse = 0
         for a, b in zip(cached, ids):
@@ -354,7 +364,7 @@ class Engine:
             tail = decoder.decode(b"", final=True)
             if tail:
                 yield tail
-        except GeneratorExit:
+        except (GeneratorExit, KeyboardInterrupt):
             stats.stop_reason = "cancelled"
             raise
         finally:
@@ -399,7 +409,7 @@ class _SamplerChain:
             add(llama_cpp.llama_sampler_init_min_p(p.min_p, 1))
         add(llama_cpp.llama_sampler_init_temp(p.temperature))
         seed = p.seed if p.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED
-        add(llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        add(llama_cpp.llama_sampler_init_dist(seed))
 
     @staticmethod
     def ban(engine: Engine, tokens: set[int]):

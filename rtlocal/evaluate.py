@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from rtlocal.constants import COCONOT_CATEGORIES, Category
-from rtlocal.errors import RtlocalError
+from rtlocal.errors import RtlocalError, UsageError
 from rtlocal.jsonl import read_objects
 from rtlocal.paths import atomic_write_text
 
@@ -334,7 +334,10 @@ class ResultCache:
             self._load()
         lines = [json.dumps({"header": header}, sort_keys=True)] + [json.dumps(asdict(r)) for r in self.records.values()]
         atomic_write_text(self.path, "\n".join(lines) + "\n")  # drops a torn last line of an interrupted run
-        self._file = open(self.path, "a", encoding="utf-8")
+        try:
+            self._file = open(self.path, "a", encoding="utf-8")
+        except OSError as e:
+            raise RtlocalError(f"cannot write {self.path}: {e.strerror or e}") from e
         self._last_sync = time.monotonic()
 
     def _load(self) -> None:
@@ -359,17 +362,27 @@ class ResultCache:
 
     def add(self, record: Record) -> None:
         self.records[record.key] = record
-        self._file.write(json.dumps(asdict(record)) + "\n")
-        self._file.flush()
-        if time.monotonic() - self._last_sync > 2.0:  # bound the loss on power failure without an fsync per prompt
-            os.fsync(self._file.fileno())
-            self._last_sync = time.monotonic()
+        try:
+            self._file.write(json.dumps(asdict(record)) + "\n")
+            self._file.flush()
+            if time.monotonic() - self._last_sync > 2.0:  # bound the loss on power failure without an fsync per prompt
+                os.fsync(self._file.fileno())
+                self._last_sync = time.monotonic()
+        except OSError as e:  # a full disk: the lines written so far stay, and resume from there
+            raise RtlocalError(f"cannot write {self.path}: {e.strerror or e}") from e
 
     def close(self) -> None:
         if not self._file.closed:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
+            try:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+            except OSError as e:
+                raise RtlocalError(f"cannot write {self.path}: {e.strerror or e}") from e
+            finally:
+                try:
+                    self._file.close()
+                except OSError:
+                    pass
 
 
 def _judge(rec: Record, item: EvalItem, judge: Any) -> None:
@@ -399,10 +412,16 @@ class RunOptions:
     decision_temperature: float = 1.0
 
     def __post_init__(self) -> None:
+        """Bad values are bad usage (exit 2), found before a model loads."""
+        from rtlocal.engine import SamplingParams
+        from rtlocal.policy import check_decision_temperature
+
         if self.mode not in MODES:
-            raise RtlocalError(f"--mode must be {' or '.join(MODES)}, got {self.mode!r}")
+            raise UsageError(f"--mode must be {' or '.join(MODES)}, got {self.mode!r}")
         if self.max_tokens < 1:
-            raise RtlocalError(f"--max-tokens must be at least 1, got {self.max_tokens}")
+            raise UsageError(f"--max-tokens must be at least 1, got {self.max_tokens}")
+        SamplingParams(temperature=self.temperature, seed=self.seed)
+        check_decision_temperature(self.decision_temperature)
 
 
 def score_items(
@@ -421,13 +440,36 @@ def score_items(
     first-token: one prompt evaluation, p_k for every refusal category, no generation.
     generate: the full answer (decided by `policy` on refusal-token models) and the judge's verdict.
     """
-    from rtlocal.engine import SamplingParams
-    from rtlocal.generate import single_item
+    from rtlocal.paths import lock_folder
 
+    _check_run(engine, options, judge)
+    if out_dir is None:
+        return _score_items(engine, items, policy, options=options, judge=judge, out_dir=None, restart=restart, progress=progress)
+    with lock_folder(out_dir, "rtlocal eval or calibrate run"):
+        return _score_items(engine, items, policy, options=options, judge=judge, out_dir=out_dir, restart=restart, progress=progress)
+
+
+def _check_run(engine: Any, options: RunOptions, judge: Any) -> None:
     if options.mode == FIRST_TOKEN and not engine.refusal.present:
         raise RtlocalError(f"{engine.path.name} has no refusal tokens: first-token mode needs them (use --mode generate)")
     if options.mode == GENERATE and judge is None:
         raise ValueError("generate mode needs a judge")
+
+
+def _score_items(
+    engine: Any,
+    items: Sequence[EvalItem],
+    policy: Any,
+    *,
+    options: RunOptions,
+    judge: Any,
+    out_dir: Path | None,
+    restart: bool,
+    progress: Progress | None,
+) -> tuple[list[Record], dict[str, Any]]:
+    from rtlocal.engine import SamplingParams
+    from rtlocal.generate import single_item
+
     header: dict[str, Any] = {
         "schema": CACHE_SCHEMA,
         "mode": options.mode,
@@ -559,12 +601,21 @@ def run(
     Returns:
         The report and the written files by kind.
     """
-    from rtlocal.eval_report import build_report, write_report
-    from rtlocal.metrics import DEFAULT_BOOTSTRAP
+    from rtlocal.paths import lock_folder
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise RtlocalError(f"--out {out_dir}: exists and is not a folder")
+    _check_run(engine, options, judge)
+    with lock_folder(out_dir, "rtlocal eval"):  # from the first cached result to the last report file
+        return _run(engine, dataset, policy, options=options, out_dir=out_dir, judge=judge, restart=restart, progress=progress,
+                    n_boot=n_boot, plots=plots, compare=compare, limit=limit, label=label)
+
+
+def _run(engine, dataset, policy, *, options, out_dir, judge, restart, progress, n_boot, plots, compare, limit, label):
+    from rtlocal.eval_report import build_report, write_report
+    from rtlocal.metrics import DEFAULT_BOOTSTRAP
+
     records, timing = score_items(
         engine, dataset.items, policy, options=options, judge=judge, out_dir=out_dir, restart=restart, progress=progress
     )

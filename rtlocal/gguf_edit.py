@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from rtlocal.errors import RtlocalError
-from rtlocal.paths import temp_path_for
+from rtlocal.paths import discard, temp_path_for
 
 log = logging.getLogger(__name__)
 
@@ -91,4 +91,4 @@ def set_metadata(path: str | Path, values: Mapping[str, MetadataValue], *, out: 
     except OSError as e:
         raise RtlocalError(f"cannot write {dst}: {e.strerror or e}") from e
     finally:
-        tmp.unlink(missing_ok=True)
+        discard(tmp)

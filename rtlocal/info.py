@@ -47,7 +47,7 @@ def inspect_gguf(path: str | Path) -> dict[str, Any]:
     tokens = get("tokenizer.ggml.tokens", []) or []
     types = get("tokenizer.ggml.token_type", []) or []
     rt = {k: get(k) for k in reader.fields if k.startswith("rtlocal.")}
-    info = read_refusal_info(rt, lambda text: tokens.index(text) if text in tokens else None)
+    info = read_refusal_info(rt, lambda text: tokens.index(text) if text in tokens else None, n_vocab=len(tokens) or None)
     for key in (Keys.CATEGORIES, Keys.CALIBRATION):
         if key in rt:
             rt[key] = json.loads(rt[key])

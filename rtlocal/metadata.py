@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,10 +55,52 @@ def _json(metadata: Mapping[str, Any], key: str) -> Any:
         raise RtlocalError(f"malformed GGUF metadata {key}: {e}") from e
 
 
-def read_refusal_info(metadata: Mapping[str, Any], token_id: Callable[[str], int | None]) -> RefusalInfo:
-    """From rtlocal.* keys when present; else by looking the paper's token strings up in the vocab."""
+def read_refusal_info(
+    metadata: Mapping[str, Any], token_id: Callable[[str], int | None], *, n_vocab: int | None = None
+) -> RefusalInfo:
+    """From rtlocal.* keys when present; else by looking the paper's token strings up in the vocab.
+
+    The contract is checked here, when the model loads, not when a value is first used: token ids
+    inside the vocabulary (`n_vocab`) and distinct, thresholds in [0,1], a well-formed calibration table.
+    """
+    info = _read_refusal_info(metadata, token_id)
+    if info.present:
+        check_contract(info, n_vocab)
+    return info
+
+
+def check_contract(info: RefusalInfo, n_vocab: int | None) -> None:
+    """RtlocalError naming the GGUF key when the refusal metadata cannot be right."""
+    from rtlocal.calibration import validate
+
+    key = Keys.CATEGORIES if info.source == "metadata" else "tokenizer.ggml.tokens"
+    if not info.categories:
+        raise RtlocalError(f"malformed GGUF metadata {key}: no refusal categories")
+    if len(set(info.categories)) != len(info.categories):
+        raise RtlocalError(f"malformed GGUF metadata {key}: a category is listed twice ({', '.join(info.categories)})")
+    ids = [*info.category_ids, *([info.respond_id] if info.respond_id is not None else [])]
+    for name, tid in [*zip(info.categories, info.category_ids), ("respond", info.respond_id)]:
+        if tid is None:
+            continue
+        if tid < 0 or (n_vocab is not None and tid >= n_vocab):
+            raise RtlocalError(f"malformed GGUF metadata {key}: the token id {tid} of {name!r} is outside the vocabulary ({n_vocab} tokens)")
+    if len(set(ids)) != len(ids):
+        raise RtlocalError(f"malformed GGUF metadata {key}: two answer-start tokens share an id ({ids})")
+    for name, t in info.thresholds.items():
+        if not (math.isfinite(t) and 0.0 <= t <= 1.0):
+            raise RtlocalError(f"malformed GGUF metadata {key}: the threshold of {name!r} is {t}, not in [0,1]")
+    if info.calibration is not None:
+        try:
+            validate(info.calibration, categories=info.categories)
+        except RtlocalError as e:
+            raise RtlocalError(f"malformed GGUF metadata {Keys.CALIBRATION}: {e}") from None
+
+
+def _read_refusal_info(metadata: Mapping[str, Any], token_id: Callable[[str], int | None]) -> RefusalInfo:
     if Keys.CATEGORIES in metadata:
         entries = _json(metadata, Keys.CATEGORIES)
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise RtlocalError(f"malformed GGUF metadata {Keys.CATEGORIES}: expected a JSON list of objects")
         try:
             cats = [str(e["name"]) for e in entries]
             toks = [str(e.get("token") or token_for(e["name"])) for e in entries]
@@ -67,12 +110,16 @@ def read_refusal_info(metadata: Mapping[str, Any], token_id: Callable[[str], int
             raise RtlocalError(f"malformed GGUF metadata {Keys.CATEGORIES}: {e!r}") from e
         respond = str(metadata.get(Keys.RESPOND_TOKEN, RESPOND_TOKEN))
         rid = metadata.get(Keys.RESPOND_TOKEN_ID)
+        try:
+            rid = int(rid) if rid is not None else None
+        except (TypeError, ValueError):
+            raise RtlocalError(f"malformed GGUF metadata {Keys.RESPOND_TOKEN_ID}: {rid!r} is not a token id") from None
         return RefusalInfo(
             present=True,
             source="metadata",
             mode=str(metadata.get(Keys.MODE, TokenMode.CATEGORICAL.value)),
             respond_token=respond,
-            respond_id=int(rid) if rid is not None else token_id(respond),
+            respond_id=rid if rid is not None else token_id(respond),
             categories=cats,
             category_tokens=toks,
             category_ids=ids,

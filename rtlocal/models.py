@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -29,19 +31,89 @@ class Settings:
     keymap: dict[str, str] | None = None  # TUI key rebinding by binding id, e.g. {"chat.regenerate": "f5"}
 
 
+# ------------------------------------------------------------------ the config file's schema: one check per key
+
+
+def _describe(value: Any) -> str:
+    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", dict: "a table", list: "an array"}
+    return f"{value!r} ({kind.get(type(value), type(value).__name__)})"
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected a non-empty string, got {_describe(value)}")
+    return value
+
+
+def _integer(minimum: int) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"expected an integer >= {minimum}, got {_describe(value)}")
+        return value
+
+    return check
+
+
+def _policy_spec(flag: str) -> Callable[[Any], str]:
+    """A --strictness/--threshold value: a string in the flags' grammar, or a bare number (all categories)."""
+
+    def check(value: Any) -> str:
+        from rtlocal.errors import UsageError
+        from rtlocal.policy import check_flags
+
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            value = repr(value)
+        if not isinstance(value, str):
+            raise ValueError(f"expected a string such as \"balanced\" or \"safety=strict\", or a number, got {_describe(value)}")
+        try:
+            check_flags(**{flag: value})
+        except UsageError as e:
+            raise ValueError(str(e)) from None
+        return value
+
+    return check
+
+
+def _key_table(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ValueError(f'expected a table of binding id = "key" strings, got {_describe(value)}')
+    return value
+
+
+SETTINGS_SCHEMA: dict[str, Callable[[Any], Any]] = {
+    "model": _string,
+    "threads": _integer(1),
+    "ctx": _integer(64),
+    "n_gpu_layers": _integer(-1),
+    "strictness": _policy_spec("strictness"),
+    "threshold": _policy_spec("thresholds"),
+    "calibration": _string,
+    "keymap": _key_table,
+}
+assert set(SETTINGS_SCHEMA) == {f.name for f in fields(Settings)}
+
+
 def load_settings(path: Path | None = None) -> Settings:
+    """config.toml, every value checked against SETTINGS_SCHEMA: a problem is one `FILE: KEY: problem` error."""
     path = path or config_file()
     if not path.exists():
         return Settings()
     try:
-        data: dict[str, Any] = tomllib.loads(path.read_text())
+        data: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise RtlocalError(f"{path}: invalid TOML ({e})") from e
-    known = set(Settings.__dataclass_fields__)
-    unknown = sorted(set(data) - known)
+    except OSError as e:
+        raise RtlocalError(f"{path}: cannot read ({e.strerror or e})") from e
+    unknown = sorted(set(data) - set(SETTINGS_SCHEMA))
     if unknown:
-        raise RtlocalError(f"{path}: unknown setting(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-    return Settings(**data)
+        raise RtlocalError(f"{path}: unknown setting(s) {', '.join(unknown)} (known: {', '.join(sorted(SETTINGS_SCHEMA))})")
+    values = {}
+    for key, value in data.items():
+        try:
+            values[key] = SETTINGS_SCHEMA[key](value)
+        except ValueError as e:
+            raise RtlocalError(f"{path}: {key}: {e}") from None
+    return Settings(**values)
 
 
 def list_models() -> list[Path]:

@@ -40,6 +40,17 @@ def calibration_profile(flag: Path | None, settings: "Settings", has_tokens: boo
     return Path(settings.calibration).expanduser() if settings.calibration and has_tokens else None
 
 
+def check_usage(
+    *, strictness: str | None = None, threshold: str | None = None, bias: str | None = None, mode: str = "threshold",
+    decision_temperature: float = 1.0,
+) -> None:
+    """Every flag value a command takes, checked before any model loads or data is read (UsageError: exit 2)."""
+    from rtlocal.policy import check_decision_temperature, check_flags
+
+    check_flags(strictness=strictness, thresholds=threshold, biases=bias, mode=mode)
+    check_decision_temperature(decision_temperature)
+
+
 def policy_from_flags(
     engine: "Engine",
     strictness: str | None,

@@ -20,7 +20,7 @@ from rtlocal.constants import (
     alias_of,
     token_for,
 )
-from rtlocal.errors import RtlocalError
+from rtlocal.errors import RtlocalError, UsageError
 
 ALL = "all"
 
@@ -91,12 +91,18 @@ def softmax(logits: Sequence[float] | "object", temperature: float = 1.0):
     import numpy as np
 
     x = np.asarray(logits, dtype=np.float64)
-    if temperature <= 0:
-        raise RtlocalError(f"temperature for the refusal decision must be > 0, got {temperature}")
+    check_decision_temperature(temperature)
     x = x / temperature
     x = x - x.max()
     e = np.exp(x)
     return e / e.sum()
+
+
+def check_decision_temperature(temperature: float) -> float:
+    """The softmax temperature of the refusal decision: a finite number > 0."""
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise UsageError(f"--decision-temperature must be a number > 0, got {temperature}")
+    return temperature
 
 
 # ---------------------------------------------------------------- flags -> policy
@@ -112,12 +118,17 @@ def resolve_category(name: str, categories: Sequence[str]) -> str:
     if list(categories) == [SINGLE_CATEGORY] and key in {a for a in CATEGORY_ALIASES.values()}:
         return SINGLE_CATEGORY
     known = ", ".join(alias_of(c) for c in categories) or "none: the model has no refusal tokens"
-    raise RtlocalError(f"unknown category {name!r} (known: {known})")
+    raise UsageError(f"unknown category {name!r} (known: {known})")
 
 
 def _pairs(spec: str, flag: str) -> list[tuple[str | None, str]]:
-    """Split 'a=1,b=2' or a bare 'x' into (key, value) pairs; a bare value has key None."""
+    """Split 'a=1,b=2' or a bare 'x' into (key, value) pairs; a bare value has key None.
+
+    A key given twice ('safety=strict,safety=off', or two bare values) is an error, not a silent
+    'last one wins'; 'all' (or a bare value) followed by single categories is the documented layering.
+    """
     out: list[tuple[str | None, str]] = []
+    seen: set[str] = set()
     for part in spec.split(","):
         part = part.strip()
         if not part:
@@ -125,12 +136,18 @@ def _pairs(spec: str, flag: str) -> list[tuple[str | None, str]]:
         if "=" in part:
             k, v = part.split("=", 1)
             if not k.strip() or not v.strip():
-                raise RtlocalError(f"{flag}: expected CATEGORY=VALUE, got {part!r}")
-            out.append((k.strip(), v.strip()))
+                raise UsageError(f"{flag}: expected CATEGORY=VALUE, got {part!r}")
+            key: str | None = k.strip()
+            value = v.strip()
         else:
-            out.append((None, part))
+            key, value = None, part
+        name = ALL if key is None else key.lower()
+        if name in seen:
+            raise UsageError(f"{flag}: {'all categories are' if name == ALL else repr(key) + ' is'} given twice in {spec!r}")
+        seen.add(name)
+        out.append((key, value))
     if not out:
-        raise RtlocalError(f"{flag}: empty value")
+        raise UsageError(f"{flag}: empty value")
     return out
 
 
@@ -144,9 +161,9 @@ def strictness_to_threshold(value: str) -> float | None:
         s = float(v)
     except ValueError:
         names = ", ".join(STRICTNESS_PRESETS)
-        raise RtlocalError(f"strictness must be one of {names} or a number in [0,1], got {value!r}") from None
+        raise UsageError(f"strictness must be one of {names} or a number in [0,1], got {value!r}") from None
     if not 0.0 <= s <= 1.0 or math.isnan(s):
-        raise RtlocalError(f"strictness must be in [0,1], got {value!r}")
+        raise UsageError(f"strictness must be in [0,1], got {value!r}")
     return round(1.0 - s, 6)
 
 
@@ -159,10 +176,45 @@ def parse_threshold_value(value: str, flag: str = "--threshold") -> float | None
     try:
         t = float(v)
     except ValueError:
-        raise RtlocalError(f"{flag}: threshold must be a number in [0,1], 'off' or 'force', got {value!r}") from None
+        raise UsageError(f"{flag}: threshold must be a number in [0,1], 'off' or 'force', got {value!r}") from None
     if not 0.0 <= t <= 1.0 or math.isnan(t):
-        raise RtlocalError(f"{flag}: threshold must be in [0,1], got {value!r}")
+        raise UsageError(f"{flag}: threshold must be in [0,1], got {value!r}")
     return t
+
+
+def parse_bias_value(value: str) -> float:
+    try:
+        b = float(value)
+    except ValueError:
+        raise UsageError(f"--bias: expected a number, got {value!r}") from None
+    if math.isnan(b) or math.isinf(b):
+        raise UsageError(f"--bias: expected a finite number, got {value!r}")
+    return b
+
+
+def check_flags(
+    *, strictness: str | None = None, thresholds: str | None = None, biases: str | None = None, mode: Mode | str = Mode.THRESHOLD
+) -> Mode:
+    """Validate the policy flags before any model loads: values, repeats and combinations (UsageError, exit 2).
+
+    Category names are checked later, against the model's own categories (`build_policy`).
+    """
+    try:
+        mode = Mode(mode)
+    except ValueError:
+        raise UsageError(f"--mode must be threshold, bias or free, got {mode!r}") from None
+    if biases and mode is not Mode.BIAS:
+        raise UsageError("--bias applies only to --mode bias")
+    if mode is not Mode.THRESHOLD and (strictness or thresholds):
+        raise UsageError(f"--strictness and --threshold apply only to --mode threshold, not {mode.value}")
+    for spec, flag, value_of in (
+        (strictness, "--strictness", strictness_to_threshold),
+        (thresholds, "--threshold", parse_threshold_value),
+        (biases, "--bias", parse_bias_value),
+    ):
+        for _, value in _pairs(spec, flag) if spec else ():
+            value_of(value)
+    return mode
 
 
 StrictnessMap = Callable[[str, str], float | None]  # (category, strictness spec) -> threshold
@@ -194,8 +246,13 @@ def build_policy(
     def apply(spec: str | None, flag: str, value_of: Callable[[str, str], float | None], target: dict) -> None:
         if not spec:
             return
+        named: dict[str, str] = {}
         for key, value in _pairs(spec, flag):
             chosen = categories if key is None or key.lower() == ALL else [resolve_category(key, categories)]
+            if key is not None and key.lower() != ALL:
+                if chosen[0] in named:  # two spellings of one category: 'safety=...,[Requests with safety concerns]=...'
+                    raise UsageError(f"{flag}: {named[chosen[0]]!r} and {key!r} name the same category")
+                named[chosen[0]] = key
             for c in chosen:
                 target[c] = value_of(c, value)
 
@@ -207,16 +264,7 @@ def build_policy(
     apply(strictness, "--strictness", strict_value, policy.thresholds)
     apply(thresholds, "--threshold", lambda c, v: parse_threshold_value(v), policy.thresholds)
     if biases:
-        def bias_value(category: str, value: str) -> float:
-            try:
-                b = float(value)
-            except ValueError:
-                raise RtlocalError(f"--bias: expected a number, got {value!r}") from None
-            if math.isnan(b) or math.isinf(b):
-                raise RtlocalError(f"--bias: expected a finite number, got {value!r}")
-            return b
-
-        apply(biases, "--bias", bias_value, policy.biases)
+        apply(biases, "--bias", lambda c, v: parse_bias_value(v), policy.biases)
     return policy
 
 
@@ -240,6 +288,8 @@ __all__ = [
     "Mode",
     "Policy",
     "build_policy",
+    "check_decision_temperature",
+    "check_flags",
     "decide",
     "describe",
     "parse_threshold_value",

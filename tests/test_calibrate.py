@@ -263,7 +263,7 @@ def test_calibrate_bad_inputs(tiny_gguf, tiny_plain_gguf, validation, tmp_path, 
     rc, _, err = run_cli(["calibrate", str(tiny_plain_gguf), "--data", str(validation), "--ctx", "256"], capsys)
     assert rc == 1 and "has no refusal tokens: there is nothing to calibrate" in error_line(err)
     rc, _, err = run_cli(["calibrate", str(tiny_gguf), "--data", str(validation), "--target", "precision=0.9"], capsys)
-    assert rc == 1 and "--target must be" in error_line(err)
+    assert rc == 2 and "--target must be" in error_line(err)  # bad usage
     only_refuse = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "hi", "should_refuse": True, "category": "safety"}])
     rc, _, err = run_cli(["calibrate", str(tiny_gguf), "--data", str(only_refuse), "--ctx", "256", "--profile", str(tmp_path / "p.json")], capsys)
     assert rc == 1 and "needs both should-refuse and should-answer prompts" in error_line(err)

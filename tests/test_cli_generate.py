@@ -124,7 +124,7 @@ def test_config_file_sets_defaults(tiny_gguf, rtlocal_home, capsys):
 )
 def test_bad_flags_one_line_error(tiny_gguf, capsys, args, message):
     rc, out, err = run(["generate", "-m", str(tiny_gguf), *args, "hi"], capsys)
-    assert rc == 1 and out == ""
+    assert rc == 2 and out == ""  # bad usage (README: exit codes)
     assert err.startswith("Error: ") and message in err and err.count("\n") == 1
 
 
@@ -182,3 +182,132 @@ def test_small_context_ends_the_answer_instead_of_crashing(tiny_gguf, capsys, ct
     rec = json.loads(out)
     check_record(rec)
     assert rec["stop_reason"] in ("context", "eos") and rec["completion_tokens"] > 0
+
+
+# ------------------------------------------------------------------ batches: bad items, Ctrl-C
+
+
+def _batch(tmp_path, middle: bytes) -> "Path":
+    src = tmp_path / "batch.jsonl"
+    src.write_bytes(b'{"id": "a", "prompt": "hello"}\n' + middle + b'\n{"id": "c", "prompt": "bye"}\n')
+    return src
+
+
+BAD_ITEMS = {
+    "longer than the context": b'{"id": "long", "prompt": "' + b"word " * 400 + b'"}',
+    "not valid UTF-8": b'{"id": "b", "prompt": "caf\xe9 \xff"}',
+}
+
+
+@pytest.mark.parametrize("problem", list(BAD_ITEMS))
+def test_a_bad_item_is_named_by_file_and_line_and_can_be_skipped(problem, tiny_gguf, tmp_path, capsys):
+    src = _batch(tmp_path, BAD_ITEMS[problem])
+    args = ["generate", "-m", str(tiny_gguf), "-i", str(src), "--jsonl", "-n", "1", "--ctx", "256"]
+    rc, out, err = run(args, capsys)
+    assert rc == 1 and err.count("\n") == 1
+    assert err.startswith(f"Error: {src}:2: ") and problem in err and "--skip-bad" in err
+    assert [json.loads(x)["id"] for x in out.splitlines()] == ["a"]  # what came before was answered and kept
+    rc, out, err = run(args + ["--skip-bad"], capsys)
+    assert rc == 0 and [json.loads(x)["id"] for x in out.splitlines()] == ["a", "c"]
+    assert f"warning: skipped {src}:2: " in err and problem in err
+
+
+def test_json_keeps_the_answers_before_an_error(tiny_gguf, tmp_path, capsys):
+    src = _batch(tmp_path, BAD_ITEMS["longer than the context"])
+    rc, out, err = run(["generate", "-m", str(tiny_gguf), "-i", str(src), "--json", "-n", "1", "--ctx", "256"], capsys)
+    assert rc == 1 and f"{src}:2:" in err
+    assert [r["id"] for r in json.loads(out)] == ["a"]
+
+
+def test_ctrl_c_between_prompts_keeps_the_json_so_far(tiny_gguf, tmp_path, capsys, monkeypatch):
+    """Ctrl-C while the next prompt is read: the answers so far are printed, then 'interrupted', exit 130."""
+    import rtlocal.generate as gen
+
+    src = _batch(tmp_path, b"")
+    real = gen.read_jsonl
+
+    def interrupted_after_two(*a, **k):
+        items = real(*a, **k)
+        yield next(items)
+        yield next(items)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gen, "read_jsonl", interrupted_after_two)
+    rc, out, err = run(["generate", "-m", str(tiny_gguf), "-i", str(src), "--json", "-n", "2"], capsys)
+    assert rc == ExitCode.INTERRUPTED and err.strip().endswith("interrupted")
+    assert [r["id"] for r in json.loads(out)] == ["a", "c"]
+
+
+def test_ctrl_c_mid_answer_keeps_the_answer_so_far(tiny_gguf, capsys, monkeypatch):
+    from rtlocal.engine import Engine
+
+    calls = {"n": 0}
+
+    def eog_then_ctrl_c(self, token):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return False
+
+    monkeypatch.setattr(Engine, "is_eog", eog_then_ctrl_c)
+    rc, out, err = run(["generate", "-m", str(tiny_gguf), "--json", "-n", "50", "-t", "all=1", "hi"], capsys)
+    assert rc == ExitCode.INTERRUPTED and "interrupted" in err
+    rec = json.loads(out)
+    check_record(rec)
+    assert rec["stop_reason"] == "cancelled" and rec["completion_tokens"] == 3
+
+
+def test_a_real_ctrl_c_exits_130_with_the_lines_so_far(tiny_gguf, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = tmp_path / "many.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "prompt": f"Tell me a long story number {i}"}) + "\n" for i in range(500)))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rtlocal.cli", "generate", "-m", str(tiny_gguf), "-i", str(src), "--jsonl", "-n", "64", "--ctx", "256", "--threads", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background shell may have ignored it
+    )
+    first = proc.stdout.readline()
+    proc.send_signal(signal.SIGINT)
+    rest, err = proc.communicate(timeout=60)
+    assert proc.returncode == ExitCode.INTERRUPTED, err
+    assert err.strip().splitlines()[-1] == "interrupted"
+    lines = [first, *rest.splitlines()]
+    assert json.loads(lines[0])["id"] == 0 and all(json.loads(x) for x in lines if x.strip())
+
+
+# ------------------------------------------------------------------ the chat REPL carries on
+
+
+def _repl(args, capsys, monkeypatch, script: bytes):
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(script), encoding="utf-8"))
+    rc = main(["chat", "--plain", *args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _answers(out: str) -> int:
+    return out.count("[respond") + out.count("[refused")
+
+
+def test_chat_repl_survives_a_line_that_is_not_utf8(tiny_gguf, capsys, monkeypatch):
+    rc, out, err = _repl(["-m", str(tiny_gguf), "-n", "2", "--seed", "1"], capsys, monkeypatch, b"Hello\ncaf\xe9 \xff\nagain\n/quit\n")
+    assert rc == 0, err
+    assert "error: that line is not valid UTF-8 (byte 4); it was ignored" in out
+    assert _answers(out) == 2  # the turns before and after it
+
+
+def test_chat_repl_offers_to_drop_the_oldest_turns(tiny_gguf, capsys, monkeypatch):
+    long = b"Tell me a story about the sea and the boats that come home at night " * 3
+    script = b"\n".join([long] * 8 + [b"/drop", b"short one", b"/quit"]) + b"\n"
+    rc, out, err = _repl(["-m", str(tiny_gguf), "-n", "4", "--ctx", "256", "--seed", "1"], capsys, monkeypatch, script)
+    assert rc == 0, err
+    assert "no longer fits the context" in out and "/drop forgets the oldest" in out
+    assert "forgot the oldest" in out
+    # every message was answered, the one that did not fit after /drop; nothing ended the session
+    assert _answers(out) == 8 - out.count("no longer fits the context") + 1 + 1

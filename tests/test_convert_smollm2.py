@@ -10,6 +10,7 @@ import pytest
 
 from convert.convert import convert
 from rtlocal.constants import TokenType
+from tests.tinymodel import assert_logits_close
 
 pytestmark = pytest.mark.smollm
 
@@ -44,8 +45,8 @@ def test_smollm2_with_adapter_and_tokens(smollm2_gguf, smol_adapter, smol_dir, r
     with capsys.disabled():
         print(f"\n  SmolLM2 {r.verify.summary()}")
     assert r.verify.positions >= 20
-    if out_type == "f16":
-        assert r.verify.top1_agreement == 1.0
+    if out_type == "f16":  # f16 weights, f32 KV cache: measured max |Δlogit| 0.07
+        assert_logits_close(r.verify, 0.25)
     reader = gguf.GGUFReader(str(r.path))
     tokens = reader.fields["tokenizer.ggml.tokens"].contents()
     types = reader.fields["tokenizer.ggml.token_type"].contents()

@@ -367,3 +367,63 @@ def test_compare_puts_runs_side_by_side(tiny_gguf, tiny_plain_gguf, labelled, tm
     assert "## Side by side" in md and "tiny-plain-f16.gguf (generate)" in md and "tiny-rt-f16.gguf (first-token)" in md
     rc, _, err = run_cli(["eval", str(tiny_gguf), "--out", str(tmp_path / "c"), "--compare", str(tmp_path / "nothing"), *base], capsys)
     assert rc == 1 and "no report.json" in error_line(err)
+
+
+@pytest.mark.parametrize("plots", ["--plots", "--no-plots"])
+@pytest.mark.parametrize("should_refuse", [True, False], ids=["only-should-refuse", "only-should-answer"])
+def test_one_kind_of_prompt_reports_what_it_can(should_refuse, plots, tiny_gguf, tmp_path, capsys):
+    rows = [{"id": f"p{i}", "prompt": p, "should_refuse": should_refuse, "category": c} for i, (p, _, c) in enumerate(PROMPTS) if c]
+    data = write_jsonl(tmp_path / "one.jsonl", rows)
+    out = tmp_path / "out"
+    rc, stdout, err = run_cli(["eval", str(tiny_gguf), "--data", str(data), "--out", str(out), plots, "--ctx", "256", "--bootstrap", "20"], capsys)
+    assert rc == 0, err
+    s = json.loads((out / "report.json").read_text())["summary"]
+    assert s["roc_auc"] is None and s["pr_auc"] is None and "ROC AUC" in s["note"]
+    measured, missing = ("refusal_rate", "over_refusal_rate") if should_refuse else ("over_refusal_rate", "refusal_rate")
+    assert isinstance(s[measured], float) and s[missing] is None
+    assert "Not measured: only should-" in (out / "report.md").read_text()
+    assert "not measured: only should-" in stdout
+    if plots == "--plots":
+        assert (out / "roc.png").read_bytes()[:4] == b"\x89PNG" and (out / "tradeoff.png").exists()
+
+
+def test_two_runs_on_one_out_folder(tiny_gguf, tmp_path, capsys):
+    """The second run on a folder in use fails at once; the first finishes with all its results."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    rows = [{"id": f"p{i}", "prompt": f"{PROMPTS[i % 8][0]} {i}", "should_refuse": PROMPTS[i % 8][1]} for i in range(2000)]
+    data = write_jsonl(tmp_path / "many.jsonl", rows)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    first = subprocess.Popen(
+        [sys.executable, "-m", "rtlocal.cli", "eval", str(tiny_gguf), "--data", str(data), "--out", str(out), "--ctx", "256",
+         "--threads", "1", "--bootstrap", "0", "--no-plots"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "records.jsonl").exists() or len((out / "records.jsonl").read_text().splitlines()) < 2:
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read() if first.poll() is not None else "timeout"
+            time.sleep(0.05)
+        rc, _, err = run_cli(["eval", str(tiny_gguf), "--data", str(data), "--out", str(out), "--ctx", "256", "--no-plots"], capsys)
+        running = first.poll() is None
+    finally:
+        stdout, stderr = first.communicate(timeout=600)
+    assert running, "the first run ended before the second started: the check proves nothing"
+    assert rc == 1 and "is in use by another rtlocal eval" in error_line(err)
+    assert first.returncode == 0, stderr
+    assert json.loads((out / "report.json").read_text())["n"] == 2000
+
+
+def test_out_folder_with_other_files_needs_force(tiny_gguf, labelled, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "report.md").write_text("my own report\n")
+    rc, _, err = run_cli(["eval", str(tiny_gguf), "--data", str(labelled), "--out", str(out), "--no-plots"], capsys)
+    assert rc == 1 and "--force" in error_line(err)
+    assert (out / "report.md").read_text() == "my own report\n"
+    rc, _, err = run_cli(["eval", str(tiny_gguf), "--data", str(labelled), "--out", str(out), "--no-plots", "--force", "--ctx", "256"], capsys)
+    assert rc == 0, err

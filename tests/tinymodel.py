@@ -144,3 +144,16 @@ def build_qwen2_base(out_dir: Path, *, seed: int = 0, hidden: int = 64):
                 p.normal_(0.0, 0.1)  # non-zero biases: a missing bias tensor would show in the logits
     model.save_pretrained(out_dir, safe_serialization=True)
     return model, tok
+
+
+def assert_logits_close(report, tol: float) -> None:
+    """A `convert --verify` report within `tol` logits of the reference, robustly on any CPU.
+
+    A random model has near-tied logits: another CPU, thread count or precision may swap a near-tie,
+    so exact top-1 agreement everywhere is not a property of the converter. What is: the logit error
+    bound, and top-1 agreement wherever the reference leads by more than twice that bound (there no
+    error within the bound can swap the order), on enough positions that the check says something.
+    """
+    assert report.max_abs_dlogit < tol, report.summary()
+    assert report.top1_agreement_beyond(2 * tol) == 1.0, report.summary()
+    assert report.decisive(2 * tol).sum() >= report.positions // 2, report.summary()
