@@ -53,7 +53,7 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
         base: Annotated[Optional[str], typer.Argument(help="Base: a Hugging Face id, a local HF dir or a GGUF file (default: the recipe's).")] = None,
         out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output dir: adapter, tokenizer and rtlocal.json.")] = None,
         data: Annotated[Optional[list[str]], typer.Option("--data", "-d", help=DATA_HELP)] = None,
-        recipe: Annotated[Optional[str], typer.Option("--recipe", help="Start from a recipe: default or benchmark.")] = None,
+        recipe: Annotated[Optional[str], typer.Option("--recipe", help="Start from a recipe: default, builtin-only or benchmark.")] = None,
         config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML/JSON file of TrainConfig fields (flags win).")] = None,
         mode: Annotated[Optional[str], typer.Option("--mode", help="categorical (5 CoCoNot tokens), single ([refuse]) or custom (categories from the data).")] = None,
         epochs: Annotated[Optional[float], typer.Option("--epochs", help="Passes over the data.")] = None,
@@ -106,7 +106,7 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
 
     @app.command()
     def build(
-        recipe: Annotated[str, typer.Option("--recipe", help="default (offline, built-in data) or benchmark (adds CoCoNot train files).")] = "default",
+        recipe: Annotated[str, typer.Option("--recipe", help="default (offline, all bundled data), builtin-only (the previous default) or benchmark (built-in + CoCoNot train from ../shared/data).")] = "default",
         name: Annotated[Optional[str], typer.Option("--name", help="Register as NAME (default: the recipe's model name).")] = None,
         base: Annotated[Optional[str], typer.Option("--base", help="Another base (HF id, HF dir or GGUF).")] = None,
         data: Annotated[Optional[list[str]], typer.Option("--data", "-d", help=DATA_HELP + " Replaces the recipe's data.")] = None,

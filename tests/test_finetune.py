@@ -251,7 +251,7 @@ def test_cli_bad_inputs(tiny_base, tiny_data, tmp_path, capsys):
     assert rc == 1 and line == "Error: epochs must be > 0, got 0.0"
 
     rc, line = run_cli(capsys, "build", "--recipe", "nope")
-    assert rc == 1 and line == "Error: unknown recipe 'nope' (known: default, benchmark)"
+    assert rc == 1 and line == "Error: unknown recipe 'nope' (known: default, builtin-only, benchmark)"
 
 
 def test_cli_finetune_runs(tiny_base, tiny_data, tmp_path, capsys):
