@@ -29,9 +29,9 @@ PROMPTS = [
 
 def greedy(path: Path, n: int) -> list[list[int]]:
     """Greedy continuations (token ids) of every prompt, through the runtime with no refusal decision."""
-    from rtlocal.engine import Engine, SamplingParams
-    from rtlocal.policy import build_policy
-    from rtlocal.prompts import Message
+    from rtlocal.runtime.engine import Engine, SamplingParams
+    from rtlocal.runtime.policy import build_policy
+    from rtlocal.runtime.prompts import Message
 
     with Engine(path, n_ctx=512, n_threads=threads()) as e:
         pol = build_policy(e.refusal.categories)
@@ -49,8 +49,8 @@ def forced_logits(path: Path, prompt: str, continuation: list[int]):
     import numpy as np
     from llama_cpp import Llama
 
-    from rtlocal.engine import Engine
-    from rtlocal.prompts import Message
+    from rtlocal.runtime.engine import Engine
+    from rtlocal.runtime.prompts import Message
 
     with Engine(path, n_ctx=512, n_threads=threads()) as e:
         ids = e.prompt_ids([Message("user", prompt)])

@@ -39,7 +39,7 @@ TARGET = 0.9
 def stand_in(dst: Path) -> Path:
     """The SmolLM2 base with ids 3..8 (<repo_name> ... <gh_stars>) declared as [respond] + 5 refusal tokens."""
     from rtlocal.constants import COCONOT_CATEGORIES, CONTRACT_VERSION, RESPOND_TOKEN, Keys, TokenMode, token_for
-    from rtlocal.gguf_edit import set_metadata
+    from rtlocal.runtime.gguf_edit import set_metadata
 
     cats = [{"name": c, "token": token_for(c), "id": 4 + i, "threshold": 0.5} for i, c in enumerate(COCONOT_CATEGORIES)]
     return set_metadata(smollm2_gguf(), {
@@ -67,7 +67,7 @@ def bare(engine, prompts: list[list[int]], *, reuse_prefix: bool) -> float:
 
 
 def ours(engine, items, policy, cache_dir: Path) -> float:
-    from rtlocal.evaluate import RunOptions, score_items
+    from rtlocal.evaluation.run import RunOptions, score_items
 
     t0 = time.perf_counter()
     records, _ = score_items(engine, items, policy, options=RunOptions(), out_dir=cache_dir, restart=True)
@@ -83,12 +83,12 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=5, help="prompts per alternation")
     args = ap.parse_args()
 
-    from rtlocal.engine import Engine
     from rtlocal.errors import RtlocalError
-    from rtlocal.evaluate import load_data
-    from rtlocal.models import DEFAULT_MODEL_NAME, resolve_model
-    from rtlocal.policy import build_policy
-    from rtlocal.prompts import Message
+    from rtlocal.evaluation.data import load_data
+    from rtlocal.runtime.engine import Engine
+    from rtlocal.runtime.models import DEFAULT_MODEL_NAME, resolve_model
+    from rtlocal.runtime.policy import build_policy
+    from rtlocal.runtime.prompts import Message
 
     with tempfile.TemporaryDirectory() as tmp:
         try:

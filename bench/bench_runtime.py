@@ -69,10 +69,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
 
-    from rtlocal.engine import Engine, SamplingParams
-    from rtlocal.models import resolve_model
-    from rtlocal.policy import Mode, build_policy
-    from rtlocal.prompts import Message
+    from rtlocal.runtime.engine import Engine, SamplingParams
+    from rtlocal.runtime.models import resolve_model
+    from rtlocal.runtime.policy import Mode, build_policy
+    from rtlocal.runtime.prompts import Message
 
     path = resolve_model(args.model)
     eng = Engine(path, n_ctx=1024, n_threads=threads())

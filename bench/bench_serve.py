@@ -28,7 +28,6 @@ import os
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -70,8 +69,8 @@ def free_port() -> int:
 def with_refusal_metadata(base: Path, out: Path) -> Path:
     """A copy of a plain GGUF whose rtlocal metadata names existing rare tokens as the answer-start tokens."""
     from rtlocal.constants import COCONOT_CATEGORIES, Keys, token_for
-    from rtlocal.engine import Engine
-    from rtlocal.gguf_edit import set_metadata
+    from rtlocal.runtime.engine import Engine
+    from rtlocal.runtime.gguf_edit import set_metadata
 
     with Engine(base, n_ctx=256, n_threads=1) as e:
         n_vocab = e.n_vocab
@@ -83,7 +82,7 @@ def with_refusal_metadata(base: Path, out: Path) -> Path:
 
 def eog_ids(model: Path) -> list[int]:
     """End-of-generation token ids, to ban through logit_bias."""
-    from rtlocal.engine import Engine
+    from rtlocal.runtime.engine import Engine
 
     with Engine(model, n_ctx=256, n_threads=1) as e:
         return [t for t in range(e.n_vocab) if e.is_eog(t)]

@@ -8,7 +8,7 @@ Sources (validation and test files only; nothing here trains):
   - HarmBench validation (harmful behaviours, should refuse only);
   - the look-alike validation set (bench/validation/lookalike.jsonl), overall and per type.
 
-Per source and refusal-token model (first-token decisions, through rtlocal.evaluate.score_items):
+Per source and refusal-token model (first-token decisions, through rtlocal.evaluation.run.score_items):
 AUROC of the total refusal probability; refused / over-refused at `balanced` (the runtime's default
 policy: the GGUF's thresholds, 0.5 where it has none); and the refusal rate at one global threshold
 τ for every category (`--threshold all=τ`: refuse when max_k p_k ≥ τ) chosen as the lowest τ whose
@@ -42,7 +42,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import SHARED_DATA  # noqa: E402
 from rtlocal.errors import RtlocalError  # noqa: E402
-from rtlocal.evaluate import FIRST_TOKEN, GENERATE, EvalItem, Record, RunOptions, load_data, score_items  # noqa: E402
+from rtlocal.evaluation.data import FIRST_TOKEN, GENERATE, EvalItem, Record, load_data  # noqa: E402
+from rtlocal.evaluation.run import RunOptions, score_items  # noqa: E402
 
 MAX_OVER_REFUSAL = 0.10  # the operating point: the lowest global τ that over-refuses at most this share
 DEFAULT_LOOKALIKE = ROOT / "bench" / "validation" / "lookalike.jsonl"
@@ -78,7 +79,7 @@ def _rate(mask: np.ndarray, hits: np.ndarray) -> float | None:
 
 def tau_for_over_refusal(records: Sequence[Record], max_over: float = MAX_OVER_REFUSAL) -> float | None:
     """The lowest global τ (refuse when max_k p_k ≥ τ) whose over-refusal is ≤ `max_over`; None without negatives."""
-    from rtlocal.metrics import rates_at
+    from rtlocal.evaluation.metrics import rates_at
 
     top = np.array([max(r.probs.values()) for r in records])
     neg = np.array([not r.should_refuse for r in records], bool)
@@ -91,8 +92,8 @@ def tau_for_over_refusal(records: Sequence[Record], max_over: float = MAX_OVER_R
 
 def first_token_rows(records: Sequence[Record], policy: Any, tau: float | None) -> dict[str, Any]:
     """AUROC, refused / over-refused at `policy` and at the global threshold `tau` (policy.decide decides)."""
-    from rtlocal.eval_report import refused_under, with_thresholds
-    from rtlocal.metrics import roc_auc
+    from rtlocal.evaluation.analysis import refused_under, with_thresholds
+    from rtlocal.evaluation.metrics import roc_auc
 
     y = np.array([r.should_refuse for r in records], bool)
     out: dict[str, Any] = {
@@ -147,14 +148,14 @@ def _score(engine: Any, items: Sequence[EvalItem], policy: Any, out_dir: Path, a
 
 
 def _engine(path: Path, args: argparse.Namespace) -> Any:
-    from rtlocal.engine import Engine
+    from rtlocal.runtime.engine import Engine
 
     return Engine(path, n_ctx=N_CTX, n_threads=args.threads)
 
 
 def score_model(path: Path, slug: str, srcs: list[Source], data: dict, samples: dict, args: argparse.Namespace, judge: Any) -> dict:
     """First-token metrics per source (and per group); forced-answer judgements with --generate."""
-    from rtlocal.policy import build_policy
+    from rtlocal.runtime.policy import build_policy
 
     engine = _engine(path, args)
     try:
@@ -190,7 +191,7 @@ FORCED_RUNS = {
 
 def forced_answers(engine: Any, src: Source, sample: Sequence[EvalItem], slug: str, args: argparse.Namespace, judge: Any) -> dict:
     """Answers with the first token forced, read by the judge: overall and per group."""
-    from rtlocal.policy import build_policy
+    from rtlocal.runtime.policy import build_policy
 
     out = {}
     for run, (spec, which) in FORCED_RUNS.items():
@@ -205,7 +206,7 @@ def forced_answers(engine: Any, src: Source, sample: Sequence[EvalItem], slug: s
 
 def score_base(path: Path, slug: str, srcs: list[Source], data: dict, args: argparse.Namespace, judge: Any) -> dict:
     """A plain model: generate + judge on each source (the --generate sample, else every prompt)."""
-    from rtlocal.policy import build_policy
+    from rtlocal.runtime.policy import build_policy
 
     engine = _engine(path, args)
     try:
@@ -225,7 +226,7 @@ def score_base(path: Path, slug: str, srcs: list[Source], data: dict, args: argp
 
 
 def _pct(x: float | None) -> str:
-    from rtlocal.eval_report import pct
+    from rtlocal.evaluation.report import pct
 
     return pct(x)
 
@@ -337,7 +338,7 @@ def load_all(srcs: list[Source], limit: int | None) -> dict[str, list[EvalItem]]
 
 
 def run(args: argparse.Namespace) -> dict:
-    from rtlocal.judge import StringMatchJudge
+    from rtlocal.evaluation.judge import StringMatchJudge
 
     check_inputs(args)
     srcs = sources(args)

@@ -24,10 +24,10 @@ VALIDATION = ROOT / "bench" / "validation" / "lookalike.jsonl"
 
 
 def score_type(model: Path, items: list, threads: int | None) -> dict:
-    from rtlocal.engine import Engine
-    from rtlocal.metrics import roc_auc
-    from rtlocal.policy import build_policy
-    from rtlocal.prompts import Message
+    from rtlocal.evaluation.metrics import roc_auc
+    from rtlocal.runtime.engine import Engine
+    from rtlocal.runtime.policy import build_policy
+    from rtlocal.runtime.prompts import Message
 
     engine = Engine(model, n_ctx=1024, n_threads=threads)
     policy = build_policy(engine.refusal.categories)
@@ -54,7 +54,7 @@ def main() -> int:
     from finetune.build import build
     from finetune.pairs import load_pair_types
     from finetune.recipes import get_recipe
-    from rtlocal.evaluate import load_data
+    from rtlocal.evaluation.data import load_data
     from rtlocal.paths import models_dir
 
     known = load_pair_types()

@@ -28,16 +28,16 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data" / "coconot"
 
 def auroc(pos: list[float], neg: list[float]) -> float:
     """ROC AUC of refusal_test (positive) against contrast_test (negative): rtlocal's own metric."""
-    from rtlocal.metrics import roc_auc
+    from rtlocal.evaluation.metrics import roc_auc
 
     value = roc_auc([True] * len(pos) + [False] * len(neg), list(pos) + list(neg))
     return float("nan") if value is None else value
 
 
 def score(model: Path, data: Path, *, limit: int | None = None, threads: int | None = None) -> dict:
-    from rtlocal.engine import Engine
-    from rtlocal.policy import build_policy
-    from rtlocal.prompts import Message
+    from rtlocal.runtime.engine import Engine
+    from rtlocal.runtime.policy import build_policy
+    from rtlocal.runtime.prompts import Message
 
     engine = Engine(model, n_ctx=2048, n_threads=threads)
     policy = build_policy(engine.refusal.categories)

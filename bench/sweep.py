@@ -5,7 +5,7 @@
 Every setting trains with finetune.train (prepare + fit, the same code as `rtlocal finetune`), then
 scores the first answer position with transformers: the full-vocabulary softmax of the merged-free
 PEFT model, read at each prompt's last token, and the runtime's own decision rule
-(`rtlocal.policy.decide` with the default thresholds). It is the runtime's decision up to the
+(`rtlocal.runtime.policy.decide` with the default thresholds). It is the runtime's decision up to the
 GGUF quantisation (q8_0), so it ranks settings; the reported numbers come from
 bench/score_first_token.py on the built GGUF. Several workers share one GPU (the model is small).
 """
@@ -60,7 +60,7 @@ def first_token_scores(prep, prompts: list[str], batch_size: int = 32) -> list[t
 def score_prep(prep, test_dir: Path) -> dict:
     from score_first_token import summarise
 
-    from rtlocal.policy import build_policy, decide
+    from rtlocal.runtime.policy import build_policy, decide
 
     policy = build_policy(prep.categories)
     rows = {}
@@ -113,8 +113,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="append results as JSONL")
     args = ap.parse_args()
     grid = json.loads(Path(args.grid[1:]).read_text() if args.grid.startswith("@") else args.grid)
-    from finetune.recipes import get_recipe
     from convert.merge import resolve_base
+    from finetune.recipes import get_recipe
 
     resolve_base(get_recipe(args.recipe, base=args.base).config.base)  # dequantise once, before the workers
     jobs = [(args.recipe, args.base, g, str(args.test_dir), args.device, args.threads) for g in grid]

@@ -35,11 +35,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from rtlocal.engine import Engine, SamplingParams, Stats
 from rtlocal.errors import RtlocalError
-from rtlocal.generate import decision_fields
-from rtlocal.policy import Decision, Mode, Policy, build_policy
-from rtlocal.prompts import Message
+from rtlocal.runtime.engine import Engine, SamplingParams, Stats
+from rtlocal.runtime.generation import decision_fields
+from rtlocal.runtime.policy import Decision, Mode, Policy, build_policy
+from rtlocal.runtime.prompts import Message
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ def _or(value: Any, default: Any) -> Any:
 
 def request_policy(engine: Engine, base: Policy, req: ChatRequest) -> Policy:
     """The server's policy with the request's strictness, thresholds, bias and mode on top."""
-    from rtlocal.calibration import strictness_mapper
+    from rtlocal.runtime.calibration import strictness_mapper
 
     given = {"strictness": req.strictness, "thresholds": req.thresholds, "bias": req.bias}
     if not any(given.values()) and req.mode in (None, base.mode):
@@ -762,9 +762,9 @@ def open_server(model: str | None, *, parallel: int = 1, threads: int | None = N
                 api_key: str | None = None, queue_size: int = DEFAULT_QUEUE, max_tokens: int = DEFAULT_MAX_TOKENS,
                 max_body: int = MAX_BODY_BYTES) -> Server:
     """Load `parallel` slots of one model (threads split between them) and the server-wide policy."""
-    from rtlocal.engine import _default_threads
-    from rtlocal.models import load_settings
-    from rtlocal.options import open_engine, policy_from_flags
+    from rtlocal.runtime.engine import _default_threads
+    from rtlocal.runtime.models import load_settings
+    from rtlocal.runtime.options import open_engine, policy_from_flags
 
     if parallel < 1:
         raise RtlocalError(f"--parallel must be >= 1, got {parallel}")

@@ -43,7 +43,7 @@ UNFIT_WORDS = ("murder", "kill", "bitch", "rape", "suicide", "terror")
 
 
 def _fit(row: dict) -> bool:
-    from rtlocal.judge import StringMatchJudge
+    from rtlocal.evaluation.judge import StringMatchJudge
 
     answer = row.get("response") or ""
     return not StringMatchJudge()(row["messages"][-1]["content"], answer)[0] and not any(w in answer.lower() for w in UNFIT_WORDS)

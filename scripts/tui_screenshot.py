@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def _drive(app, args: argparse.Namespace) -> list:
-    from rtlocal.policy import Policy
+    from rtlocal.runtime.policy import Policy
 
     async def ask(text: str) -> None:
         chat = app.chat
@@ -89,19 +89,19 @@ async def _drive(app, args: argparse.Namespace) -> list:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from rtlocal.chat import ChatSession
-    from rtlocal.cli import _engine, _policy
-    from rtlocal.engine import SamplingParams
     from rtlocal.errors import RtlocalError
+    from rtlocal.runtime.engine import SamplingParams
+    from rtlocal.runtime.options import open_engine, policy_from_flags
+    from rtlocal.runtime.session import ChatSession
     from rtlocal.tui.app import RtlocalApp
 
     try:
-        engine = _engine(args.model, args.threads, args.ctx, None)
+        engine = open_engine(args.model, args.threads, args.ctx, None)
     except RtlocalError as e:
         print(f"Error: {e}", file=sys.stderr)
         return 1
     try:
-        policy = _policy(engine, args.strictness, args.threshold, None, "threshold")
+        policy = policy_from_flags(engine, args.strictness, args.threshold, None, "threshold")
         sampling = SamplingParams(temperature=args.temperature, seed=args.seed)
         session = ChatSession(engine, policy, sampling=sampling, max_tokens=args.max_tokens)
         app = RtlocalApp(session, show_timings=args.timings)

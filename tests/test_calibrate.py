@@ -6,14 +6,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rtlocal.calibrate import PRESET_TARGETS, Target, calibrate, parse_target
-from rtlocal.calibration import load_profile, strictness_mapper
 from rtlocal.constants import COCONOT_CATEGORIES, Keys
 from rtlocal.errors import RtlocalError
-from rtlocal.eval_report import refused_under
-from rtlocal.evaluate import Record
-from rtlocal.metrics import Counts
-from rtlocal.policy import build_policy
+from rtlocal.evaluation.analysis import refused_under
+from rtlocal.evaluation.calibrate import PRESET_TARGETS, Target, calibrate, parse_target
+from rtlocal.evaluation.data import Record
+from rtlocal.evaluation.metrics import Counts
+from rtlocal.runtime.calibration import load_profile, strictness_mapper
+from rtlocal.runtime.policy import build_policy
 from tests.test_evaluate import PROMPTS, error_line, run_cli, write_jsonl
 
 CATS = list(COCONOT_CATEGORIES)
@@ -138,8 +138,8 @@ def gguf_fields(path: Path) -> tuple[dict, dict]:
 
 
 def test_calibrate_writes_profile_and_gguf_round_trip(tiny_gguf, validation, tmp_path, capsys):
-    from rtlocal.engine import Engine
-    from rtlocal.prompts import Message
+    from rtlocal.runtime.engine import Engine
+    from rtlocal.runtime.prompts import Message
 
     out_model = tmp_path / "calibrated.gguf"
     profile = tmp_path / "profile.json"
@@ -209,12 +209,13 @@ def test_generate_and_chat_take_a_profile(tiny_gguf, tiny_plain_gguf, validation
     # the REPL's /strictness maps through the same profile
     import io
 
-    from rtlocal.chat import ChatSession, run_repl
-    from rtlocal.cli import _policy
-    from rtlocal.engine import Engine, SamplingParams
+    from rtlocal.cli.chat import run_repl
+    from rtlocal.runtime.engine import Engine, SamplingParams
+    from rtlocal.runtime.options import policy_from_flags
+    from rtlocal.runtime.session import ChatSession
 
     with Engine(tiny_gguf, n_ctx=256) as engine:
-        _policy(engine, None, None, None, "threshold", profile)
+        policy_from_flags(engine, None, None, None, "threshold", profile)
         session = ChatSession(engine, build_policy(engine.refusal.categories), sampling=SamplingParams(temperature=0), max_tokens=4)
         out = io.StringIO()
         run_repl(session, io.StringIO("/strictness strict\n/quit\n"), out)

@@ -221,7 +221,7 @@ def test_json_keeps_the_answers_before_an_error(tiny_gguf, tmp_path, capsys):
 
 def test_ctrl_c_between_prompts_keeps_the_json_so_far(tiny_gguf, tmp_path, capsys, monkeypatch):
     """Ctrl-C while the next prompt is read: the answers so far are printed, then 'interrupted', exit 130."""
-    import rtlocal.generate as gen
+    import rtlocal.runtime.generation as gen
 
     src = _batch(tmp_path, b"")
     real = gen.read_jsonl
@@ -239,7 +239,7 @@ def test_ctrl_c_between_prompts_keeps_the_json_so_far(tiny_gguf, tmp_path, capsy
 
 
 def test_ctrl_c_mid_answer_keeps_the_answer_so_far(tiny_gguf, capsys, monkeypatch):
-    from rtlocal.engine import Engine
+    from rtlocal.runtime.engine import Engine
 
     calls = {"n": 0}
 

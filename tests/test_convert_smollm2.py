@@ -65,9 +65,9 @@ def test_smollm2_with_adapter_and_tokens(smollm2_gguf, smol_adapter, smol_dir, r
 
 
 def _greedy(path: Path, n: int = 64) -> list[list[int]]:
-    from rtlocal.engine import Engine, SamplingParams
-    from rtlocal.policy import build_policy
-    from rtlocal.prompts import Message
+    from rtlocal.runtime.engine import Engine, SamplingParams
+    from rtlocal.runtime.policy import build_policy
+    from rtlocal.runtime.prompts import Message
 
     with Engine(path, n_ctx=512) as e:
         outs = []
@@ -93,8 +93,8 @@ def test_round_trip_without_adapter(smollm2_gguf, smol_dir):
     for src in (smollm2_gguf, q8.path):
         llm = Llama(str(src), n_ctx=512, logits_all=True, type_k=0, type_v=0, verbose=False)
         rows = []
-        from rtlocal.engine import Engine
-        from rtlocal.prompts import Message
+        from rtlocal.runtime.engine import Engine
+        from rtlocal.runtime.prompts import Message
 
         with Engine(src, n_ctx=512) as e:
             prompts = [e.prompt_ids([Message("user", p)]) for p in PROMPTS]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rtlocal.engine import Engine, SamplingParams
 from rtlocal.errors import RtlocalError
-from rtlocal.policy import Mode, build_policy
-from rtlocal.prompts import Message
+from rtlocal.runtime.engine import Engine, SamplingParams
+from rtlocal.runtime.policy import Mode, build_policy
+from rtlocal.runtime.prompts import Message
 
 PROMPTS = [
     "How do I bake bread?",

@@ -9,11 +9,11 @@ import pytest
 from rtlocal.cli import main
 from rtlocal.constants import COCONOT_CATEGORIES
 from rtlocal.errors import RtlocalError
-from rtlocal.eval_report import control_check
-from rtlocal.evaluate import Record, load_data
-from rtlocal.judge import StringMatchJudge
-from rtlocal.metrics import Counts, average_precision, bootstrap_ci, rates_at, roc_auc, roc_curve
-from rtlocal.policy import build_policy
+from rtlocal.evaluation.analysis import control_check
+from rtlocal.evaluation.data import Record, load_data
+from rtlocal.evaluation.judge import StringMatchJudge
+from rtlocal.evaluation.metrics import Counts, average_precision, bootstrap_ci, rates_at, roc_auc, roc_curve
+from rtlocal.runtime.policy import build_policy
 from tests.conftest import SHARED_DATA
 
 CATS = list(COCONOT_CATEGORIES)
@@ -229,8 +229,8 @@ def test_control_check_by_hand():
 
 
 def engine_probs(model: Path) -> list[dict[str, float]]:
-    from rtlocal.engine import Engine
-    from rtlocal.prompts import Message
+    from rtlocal.runtime.engine import Engine
+    from rtlocal.runtime.prompts import Message
 
     with Engine(model, n_ctx=256) as engine:
         pol = build_policy(engine.refusal.categories)

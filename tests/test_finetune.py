@@ -58,10 +58,10 @@ def lora_params(layers: int, hidden: int, inter: int, kv: int, r: int) -> int:
 
 def test_build_end_to_end_picks_the_trained_token(tiny_base, tiny_data, tmp_path, rtlocal_home):
     from finetune.build import build
-    from rtlocal.engine import Engine
-    from rtlocal.models import resolve_model
-    from rtlocal.policy import build_policy
-    from rtlocal.prompts import Message
+    from rtlocal.runtime.engine import Engine
+    from rtlocal.runtime.models import resolve_model
+    from rtlocal.runtime.policy import build_policy
+    from rtlocal.runtime.prompts import Message
 
     cfg = tiny_config(tiny_base, tiny_data, tmp_path / "unused")
     r = build(cfg, name="tiny-rt", out_type="f16", work_dir=tmp_path / "adapter")

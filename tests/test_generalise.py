@@ -4,8 +4,8 @@ import pytest
 
 from bench.generalise import by_group, first_token_rows, judged_rows, main, slugs, tau_for_over_refusal
 from rtlocal.constants import COCONOT_CATEGORIES
-from rtlocal.evaluate import EvalItem, Record
-from rtlocal.policy import build_policy
+from rtlocal.evaluation.data import EvalItem, Record
+from rtlocal.runtime.policy import build_policy
 
 CATS = list(COCONOT_CATEGORIES)
 SAF, HUM = CATS[3], CATS[0]

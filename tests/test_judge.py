@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from rtlocal.judge import RULES, StringMatchJudge, normalise
+from rtlocal.evaluation.judge import RULES, StringMatchJudge, normalise
 
 LABELS = Path(__file__).parent / "data" / "judge_labels.jsonl"
 MIN_AGREEMENT = 0.9

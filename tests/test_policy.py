@@ -5,10 +5,10 @@ import math
 import numpy as np
 import pytest
 
-from rtlocal.calibration import strictness_mapper, threshold_for_rate
 from rtlocal.constants import COCONOT_CATEGORIES
 from rtlocal.errors import RtlocalError
-from rtlocal.policy import Mode, Policy, build_policy, decide, passes, softmax, strictness_to_threshold
+from rtlocal.runtime.calibration import strictness_mapper, threshold_for_rate
+from rtlocal.runtime.policy import Mode, Policy, build_policy, decide, passes, softmax, strictness_to_threshold
 
 CATS = list(COCONOT_CATEGORIES)
 SAFETY, INCOMPLETE, HUMANIZING = "Requests with safety concerns", "Incomplete requests", "Humanizing requests"

@@ -20,8 +20,8 @@ openai = pytest.importorskip("openai", reason="needs the openai client (dev extr
 import httpx  # noqa: E402
 
 from rtlocal.constants import COCONOT_CATEGORIES  # noqa: E402
-from rtlocal.prompts import Message  # noqa: E402
-from rtlocal.serve import Server, bind, make_uvicorn, open_server  # noqa: E402
+from rtlocal.runtime.prompts import Message  # noqa: E402
+from rtlocal.server import Server, bind, make_uvicorn, open_server  # noqa: E402
 
 SAFETY = "Requests with safety concerns"
 HI = [{"role": "user", "content": "hi"}]
@@ -78,7 +78,7 @@ def srv(tiny_gguf):
 def long_gguf(tiny_gguf, tmp_path_factory):
     """The fixture model told it has a 4096-token context (RoPE needs no more weights): generations long
     enough that a disconnect lands mid-stream on any machine."""
-    from rtlocal.gguf_edit import set_metadata
+    from rtlocal.runtime.gguf_edit import set_metadata
 
     return set_metadata(tiny_gguf, {"llama.context_length": 4096}, out=tmp_path_factory.mktemp("long") / "long.gguf")
 

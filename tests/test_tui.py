@@ -319,7 +319,7 @@ def test_transcript_helpers(tmp_path):
 
 
 def test_decision_rendering_names_the_threshold_that_would_flip_it():
-    from rtlocal.policy import Decision
+    from rtlocal.runtime.policy import Decision
 
     d = Decision(True, SAFETY, {SAFETY: 0.42, "Incomplete requests": 0.1}, 0.4)
     text = str(render_decision(d, {SAFETY: 0.3, "Incomplete requests": 0.5}, "threshold"))

@@ -141,7 +141,7 @@ def test_an_empty_prompt_is_refused_from_every_source(source, tiny_gguf, tmp_pat
 def _bad_model(tiny_gguf: Path, tmp_path: Path, case: str) -> Path:
     import gguf
 
-    from rtlocal.gguf_edit import set_metadata
+    from rtlocal.runtime.gguf_edit import set_metadata
 
     cats = json.loads(gguf.GGUFReader(str(tiny_gguf)).fields[Keys.CATEGORIES].contents())
     values: dict = {}

@@ -7,9 +7,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rtlocal.chat import ChatSession
-from rtlocal.engine import Engine, Response, SamplingParams
-from rtlocal.policy import build_policy
+from rtlocal.runtime.engine import Engine, Response, SamplingParams
+from rtlocal.runtime.policy import build_policy
+from rtlocal.runtime.session import ChatSession
 
 SAFETY = "Requests with safety concerns"
 SIZE = (120, 40)

@@ -1,15 +1,36 @@
-"""A chat session (history + policy) shared by the line REPL and the TUI, and the REPL itself."""
+"""`rtlocal chat`: the full-screen UI on a terminal, the line REPL otherwise; builds the default model on first run."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import IO
+import os
+import sys
+from typing import IO, TYPE_CHECKING, Annotated
 
+import typer
+
+from rtlocal.cli.flags import (
+    BiasOpt,
+    CalibOpt,
+    CtxOpt,
+    GpuOpt,
+    MaxTokOpt,
+    ModelOpt,
+    ModeOpt,
+    SeedOpt,
+    StrictOpt,
+    SystemOpt,
+    TempOpt,
+    ThreadsOpt,
+    ThresholdOpt,
+)
 from rtlocal.constants import alias_of
-from rtlocal.engine import Engine, Response, SamplingParams
 from rtlocal.errors import ContextFull, RtlocalError
-from rtlocal.policy import Policy, describe
-from rtlocal.prompts import Message
+from rtlocal.runtime.options import check_usage, open_engine, policy_from_flags
+from rtlocal.runtime.policy import describe
+
+if TYPE_CHECKING:  # the engine (and numpy) load when a chat starts, not for `rtlocal --help`
+    from rtlocal.runtime.engine import Response
+    from rtlocal.runtime.session import ChatSession
 
 REPL_HELP = """commands:
   /strictness SPEC   e.g. /strictness strict   or   /strictness safety=off,humanizing=0.9
@@ -22,67 +43,60 @@ REPL_HELP = """commands:
   /quit              leave (also Ctrl-D)"""
 
 
-@dataclass
-class ChatSession:
-    """History and settings of one conversation; each assistant turn decides afresh."""
+def chat(
+    model: ModelOpt = None,
+    strictness: StrictOpt = None,
+    threshold: ThresholdOpt = None,
+    bias: BiasOpt = None,
+    mode: ModeOpt = "threshold",
+    system: SystemOpt = None,
+    calibration: CalibOpt = None,
+    plain: Annotated[bool, typer.Option("--plain", help="Line-mode REPL instead of the full-screen UI.")] = False,
+    max_tokens: MaxTokOpt = 512,
+    temperature: TempOpt = 0.7,
+    seed: SeedOpt = None,
+    threads: ThreadsOpt = None,
+    ctx: CtxOpt = None,
+    n_gpu_layers: GpuOpt = None,
+    no_build: Annotated[bool, typer.Option("--no-build", help="Fail instead of building the default model when it is missing.")] = False,
+) -> None:
+    """Chat with a model, deciding afresh on every turn whether to refuse."""
+    from rtlocal.runtime.engine import SamplingParams
+    from rtlocal.runtime.session import ChatSession
 
-    engine: Engine
-    policy: Policy
-    system: str | None = None
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    max_tokens: int = 512
-    history: list[Message] = field(default_factory=list)
+    check_usage(strictness=strictness, threshold=threshold, bias=bias, mode=mode)
+    sampling = SamplingParams(temperature=temperature, seed=seed)
+    if model is None and not no_build:
+        _ensure_default_model()
+    engine = open_engine(model, threads, ctx, n_gpu_layers)
+    try:
+        policy = policy_from_flags(engine, strictness, threshold, bias, mode, calibration)
+        session = ChatSession(engine, policy, system=system, sampling=sampling, max_tokens=max_tokens)
+        if plain or not (sys.stdin.isatty() and sys.stdout.isatty()):
+            run_repl(session, sys.stdin, sys.stdout)
+        else:
+            from rtlocal.runtime.models import load_settings
+            from rtlocal.tui.app import run_tui
 
-    def messages(self, user_text: str) -> list[Message]:
-        msgs = [Message("system", self.system)] if self.system else []
-        return msgs + self.history + [Message("user", user_text)]
+            run_tui(session, keymap=load_settings().keymap)
+    finally:
+        engine.close()
 
-    def ask(self, text: str) -> Response:
-        """Start an answer; the turn enters the history once the response is fully consumed (see `commit`)."""
-        return self.engine.respond(self.messages(text), self.policy, sampling=self.sampling, max_tokens=self.max_tokens)
 
-    def commit(self, user_text: str, response: Response) -> None:
-        self.history += [Message("user", user_text), Message("assistant", response.text, response.start_token)]
+def _ensure_default_model() -> None:
+    """The main job: build the default model on first run (offline, with a progress bar)."""
+    from rtlocal.runtime.models import DEFAULT_MODEL_NAME, MODEL_ENV, list_models, load_settings
 
-    def set_strictness(self, strictness: str | None = None, threshold: str | None = None) -> None:
-        """Apply a --strictness/--threshold style spec on top of the current thresholds."""
-        from rtlocal.calibration import strictness_mapper
-        from rtlocal.policy import build_policy
-
-        info = self.engine.refusal
-        self.policy = build_policy(
-            info.categories,
-            strictness=strictness,
-            thresholds=threshold,
-            biases=",".join(f"{c}={b}" for c, b in self.policy.biases.items()) or None,
-            mode=self.policy.mode,
-            defaults=self.policy.thresholds,
-            calibrated=strictness_mapper(info.calibration),
-        )
-
-    def reset(self) -> None:
-        self.history.clear()
-
-    @property
-    def exchanges(self) -> int:
-        return len(self.history) // 2
-
-    def drop_oldest(self, n: int) -> int:
-        """Forget the oldest `n` exchanges (a user turn and its answer); returns how many went."""
-        n = max(0, min(n, self.exchanges))
-        del self.history[: 2 * n]
-        return n
-
-    def exchanges_to_drop(self, user_text: str) -> int | None:
-        """How many of the oldest exchanges must go for `user_text` to fit with room for an answer; None if none will do."""
-        n_ctx = self.engine.n_ctx
-        room = min(self.max_tokens, n_ctx // 4)
-        for k in range(self.exchanges + 1):
-            kept = self.history[2 * k :]
-            msgs = ([Message("system", self.system)] if self.system else []) + kept + [Message("user", user_text)]
-            if len(self.engine.prompt_ids(msgs)) + room <= n_ctx:
-                return k
-        return None
+    if os.environ.get(MODEL_ENV) or load_settings().model:
+        return
+    if any(m.stem == DEFAULT_MODEL_NAME for m in list_models()):
+        return
+    try:
+        from finetune.build import build_default
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise RtlocalError(f"the default model is not built and building it needs the 'train' extra ({e.name} missing)") from e
+    print(f"The default model {DEFAULT_MODEL_NAME!r} is not built yet: building it now (offline, once).", file=sys.stderr)
+    build_default()
 
 
 def decision_line(response: Response) -> str:

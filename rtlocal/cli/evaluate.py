@@ -1,8 +1,4 @@
-"""`rtlocal eval` and `rtlocal calibrate`: thin Typer commands over rtlocal.evaluate and rtlocal.calibrate.
-
-`rtlocal.cli` calls `register(app)` once its shared options and helpers exist; the commands are
-defined inside it so that they can use them (Typer reads the annotations when the command is made).
-"""
+"""`rtlocal eval` and `rtlocal calibrate`: thin Typer commands over rtlocal.evaluation."""
 
 import sys
 import time
@@ -10,6 +6,10 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
+from rtlocal.cli.flags import CalibOpt, CtxOpt, ForceOpt, GpuOpt, StrictOpt, SystemOpt, ThreadsOpt, ThresholdOpt
+from rtlocal.errors import RtlocalError, UsageError
+from rtlocal.runtime.options import calibration_profile, check_usage, open_engine, policy_from_flags
 
 
 class _ProgressBar:
@@ -48,153 +48,150 @@ class _ProgressBar:
             self.stream.flush()
 
 
-def register(app: typer.Typer) -> None:
-    """Add the `eval` and `calibrate` commands to the rtlocal app."""
-    from rtlocal import cli as c
-    from rtlocal.errors import RtlocalError, UsageError
+ModelArg = Annotated[str, typer.Argument(help="GGUF path or model name.")]
+DataOpt = Annotated[str, typer.Option("--data", "-d", help="A CoCoNot folder, a hub id (allenai/coconot), an XSTest CSV or a JSONL file (prompt, should_refuse, category).")]
+LimitOpt = Annotated[Optional[int], typer.Option("--limit", help="At most N prompts per split (a fixed-seed sample).", min=1)]
+RestartOpt = Annotated[bool, typer.Option("--restart", help="Discard cached per-prompt results and start again.")]
 
-    ModelArg = Annotated[str, typer.Argument(help="GGUF path or model name.")]
-    DataOpt = Annotated[str, typer.Option("--data", "-d", help="A CoCoNot folder, a hub id (allenai/coconot), an XSTest CSV or a JSONL file (prompt, should_refuse, category).")]
-    LimitOpt = Annotated[Optional[int], typer.Option("--limit", help="At most N prompts per split (a fixed-seed sample).", min=1)]
-    RestartOpt = Annotated[bool, typer.Option("--restart", help="Discard cached per-prompt results and start again.")]
 
-    @app.command("eval")
-    def eval_cmd(
-        model: ModelArg,
-        data: DataOpt,
-        split: Annotated[Optional[str], typer.Option("--split", help="CoCoNot: test (default), train, or names joined by commas: refusal_test,contrast_test.")] = None,
-        mode: Annotated[str, typer.Option("--mode", help="first-token (refusal-token probabilities only) or generate (full answers + a refusal judge).")] = "first-token",
-        out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder for report.md, report.json, plots and the resumable cache (default: eval-MODEL-MODE).")] = None,
-        limit: LimitOpt = None,
-        strictness: c.StrictOpt = None,
-        threshold: c.ThresholdOpt = None,
-        calibration: c.CalibOpt = None,
-        system: c.SystemOpt = None,
-        max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="generate: answer tokens per prompt.", min=1)] = 64,
-        temperature: Annotated[float, typer.Option("--temperature", help="generate: sampling temperature (0 = greedy, reproducible).", min=0.0)] = 0.0,
-        seed: Annotated[int, typer.Option("--seed", help="generate: sampling seed.")] = 0,
-        judge: Annotated[Optional[str], typer.Option("--judge", help="generate: a judge model (GGUF path or name) instead of the string-match rules.")] = None,
-        compare: Annotated[Optional[list[Path]], typer.Option("--compare", help="Another run's --out folder, shown side by side (repeatable).")] = None,
-        bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples for the 95% intervals (0: none).", min=0)] = 1000,
-        plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG plots (needs matplotlib: the 'plots' extra).")] = True,
-        restart: RestartOpt = False,
-        label: Annotated[Optional[str], typer.Option("--label", help="The run's name in reports and comparisons (default: model, mode and policy flags).")] = None,
-        force: Annotated[bool, typer.Option("--force", help="Write into an --out folder that holds other files.")] = False,
-        threads: c.ThreadsOpt = None,
-        ctx: c.CtxOpt = None,
-        n_gpu_layers: c.GpuOpt = None,
-    ) -> None:
-        """Measure how a model refuses on labelled prompts: rates, ROC/PR AUC, sweeps, the per-category control check."""
-        from rtlocal import evaluate
-        from rtlocal.eval_report import load_report
-        from rtlocal.judge import load_judge
-        from rtlocal.models import load_settings, resolve_model
-        from rtlocal.paths import LOCK_FILE, check_output_folder
+def eval_cmd(
+    model: ModelArg,
+    data: DataOpt,
+    split: Annotated[Optional[str], typer.Option("--split", help="CoCoNot: test (default), train, or names joined by commas: refusal_test,contrast_test.")] = None,
+    mode: Annotated[str, typer.Option("--mode", help="first-token (refusal-token probabilities only) or generate (full answers + a refusal judge).")] = "first-token",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder for report.md, report.json, plots and the resumable cache (default: eval-MODEL-MODE).")] = None,
+    limit: LimitOpt = None,
+    strictness: StrictOpt = None,
+    threshold: ThresholdOpt = None,
+    calibration: CalibOpt = None,
+    system: SystemOpt = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="generate: answer tokens per prompt.", min=1)] = 64,
+    temperature: Annotated[float, typer.Option("--temperature", help="generate: sampling temperature (0 = greedy, reproducible).", min=0.0)] = 0.0,
+    seed: Annotated[int, typer.Option("--seed", help="generate: sampling seed.")] = 0,
+    judge: Annotated[Optional[str], typer.Option("--judge", help="generate: a judge model (GGUF path or name) instead of the string-match rules.")] = None,
+    compare: Annotated[Optional[list[Path]], typer.Option("--compare", help="Another run's --out folder, shown side by side (repeatable).")] = None,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples for the 95% intervals (0: none).", min=0)] = 1000,
+    plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG plots (needs matplotlib: the 'plots' extra).")] = True,
+    restart: RestartOpt = False,
+    label: Annotated[Optional[str], typer.Option("--label", help="The run's name in reports and comparisons (default: model, mode and policy flags).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Write into an --out folder that holds other files.")] = False,
+    threads: ThreadsOpt = None,
+    ctx: CtxOpt = None,
+    n_gpu_layers: GpuOpt = None,
+) -> None:
+    """Measure how a model refuses on labelled prompts: rates, ROC/PR AUC, sweeps, the per-category control check."""
+    from rtlocal.evaluation import run as evaluate
+    from rtlocal.evaluation.data import GENERATE, load_data
+    from rtlocal.evaluation.judge import load_judge
+    from rtlocal.evaluation.report import load_report
+    from rtlocal.paths import LOCK_FILE, check_output_folder
+    from rtlocal.runtime.models import load_settings, resolve_model
 
-        c._check_usage(strictness=strictness, threshold=threshold)
-        options = evaluate.RunOptions(mode=mode, system=system, max_tokens=max_tokens, temperature=temperature, seed=seed)
-        if judge and mode != evaluate.GENERATE:
-            raise UsageError("--judge applies to --mode generate")
-        out_dir = check_output_folder(
-            out or Path(f"eval-{resolve_model(model, load_settings()).stem}-{mode}"),
-            markers=(evaluate.RECORDS_FILE, "report.json", LOCK_FILE), force=force,
-        )
-        others = [load_report(p) for p in compare or []]
-        dataset = evaluate.load_data(data, split=split, limit=limit)
-        engine = c._engine(model, threads, ctx, n_gpu_layers)
-        judge_obj = None
+    check_usage(strictness=strictness, threshold=threshold)
+    options = evaluate.RunOptions(mode=mode, system=system, max_tokens=max_tokens, temperature=temperature, seed=seed)
+    if judge and mode != GENERATE:
+        raise UsageError("--judge applies to --mode generate")
+    out_dir = check_output_folder(
+        out or Path(f"eval-{resolve_model(model, load_settings()).stem}-{mode}"),
+        markers=(evaluate.RECORDS_FILE, "report.json", LOCK_FILE), force=force,
+    )
+    others = [load_report(p) for p in compare or []]
+    dataset = load_data(data, split=split, limit=limit)
+    engine = open_engine(model, threads, ctx, n_gpu_layers)
+    judge_obj = None
+    try:
+        policy = policy_from_flags(engine, strictness, threshold, None, "threshold", calibration)
+        if mode == GENERATE:
+            judge_obj = load_judge(judge, n_ctx=ctx, n_threads=threads)
+        if label is None:
+            flags = [mode] + [f"{n} {v}" for n, v in (("strictness", strictness), ("threshold", threshold)) if v]
+            calibrated = calibration_profile(calibration, load_settings(), engine.refusal.present) is not None
+            label = f"{engine.path.name} ({', '.join(flags + (['calibrated'] if calibrated else []))})"
+        print(f"eval: {engine.path.name}, {len(dataset.items)} prompts ({', '.join(dataset.splits)}), {mode} -> {out_dir}", file=sys.stderr)
+        bar = _ProgressBar("eval")
         try:
-            policy = c._policy(engine, strictness, threshold, None, "threshold", calibration)
-            if mode == evaluate.GENERATE:
-                judge_obj = load_judge(judge, n_ctx=ctx, n_threads=threads)
-            if label is None:
-                flags = [mode] + [f"{n} {v}" for n, v in (("strictness", strictness), ("threshold", threshold)) if v]
-                calibrated = c._calibration_profile(calibration, load_settings(), engine.refusal.present) is not None
-                label = f"{engine.path.name} ({', '.join(flags + (['calibrated'] if calibrated else []))})"
-            print(f"eval: {engine.path.name}, {len(dataset.items)} prompts ({', '.join(dataset.splits)}), {mode} -> {out_dir}", file=sys.stderr)
-            bar = _ProgressBar("eval")
-            try:
-                report, files = evaluate.run(
-                    engine, dataset, policy, options=options, out_dir=out_dir, judge=judge_obj, restart=restart,
-                    progress=bar, n_boot=bootstrap, plots=plots, compare=others, limit=limit, label=label,
-                )
-            finally:
-                bar.close()
-        finally:
-            if judge_obj is not None:
-                judge_obj.close()
-            engine.close()
-        _print_eval_summary(report, files)
-
-    @app.command("calibrate")
-    def calibrate_cmd(
-        model: ModelArg,
-        data: DataOpt,
-        split: Annotated[Optional[str], typer.Option("--split", help="CoCoNot split(s) to calibrate on (default: train; never calibrate on the test split you report).")] = None,
-        target: Annotated[str, typer.Option("--target", help="recall=R (per category), over-refusal=O (whole policy) or f1 (per category).")] = "f1",
-        profile: Annotated[Optional[Path], typer.Option("--profile", help="Where to write the calibration profile (default: MODEL.calibration.json here).")] = None,
-        write_gguf: Annotated[bool, typer.Option("--write-gguf", help="Also store the table (and the calibrated default thresholds) in the model file, rewritten atomically.")] = False,
-        gguf_out: Annotated[Optional[Path], typer.Option("--gguf-out", help="Write a calibrated copy of the model here instead of rewriting it.")] = None,
-        keep_defaults: Annotated[bool, typer.Option("--keep-defaults", help="With --write-gguf or --gguf-out: keep the model's default thresholds; store only the table.")] = False,
-        cache: Annotated[Optional[Path], typer.Option("--cache", help="A folder for resumable per-prompt results (e.g. an eval --out folder of the same model).")] = None,
-        limit: LimitOpt = None,
-        system: c.SystemOpt = None,
-        restart: RestartOpt = False,
-        force: c.ForceOpt = False,
-        threads: c.ThreadsOpt = None,
-        ctx: c.CtxOpt = None,
-        n_gpu_layers: c.GpuOpt = None,
-    ) -> None:
-        """Pick per-category thresholds for a measured target; save the calibration table (profile, optionally the GGUF)."""
-        from rtlocal import evaluate
-        from rtlocal.calibrate import calibrate, gguf_values, parse_target
-        from rtlocal.calibration import save_profile
-        from rtlocal.gguf_edit import set_metadata
-        from rtlocal.models import load_settings, resolve_model
-        from rtlocal.paths import CALIBRATION_PROFILE, GGUF_FILE, check_output
-
-        goal = parse_target(target)
-        # every destination is checked before any prompt is scored
-        model_file = resolve_model(model, load_settings())
-        profile_path = check_output(
-            profile or Path(f"{model_file.stem}.calibration.json"), kind=CALIBRATION_PROFILE, force=force,
-            inputs=[model_file, data], flag="--profile",
-        )
-        if gguf_out is not None:
-            check_output(gguf_out, kind=GGUF_FILE, force=force, inputs=[model_file, data, profile_path], flag="--gguf-out")
-        elif write_gguf:
-            check_output(model_file, kind=GGUF_FILE, force=True, flag="--write-gguf")  # rewritten in place
-        dataset = evaluate.load_data(data, split=split, limit=limit, default_split="train")
-        engine = c._engine(model, threads, ctx, n_gpu_layers)
-        try:
-            info = engine.refusal
-            if not info.present:
-                raise RtlocalError(f"{engine.path.name} has no refusal tokens: there is nothing to calibrate")
-            policy = c._policy(engine, None, None, None, "threshold")
-            print(f"calibrate: {engine.path.name} on {len(dataset.items)} prompts ({', '.join(dataset.splits)}), target {goal}", file=sys.stderr)
-            bar = _ProgressBar("scoring")
-            try:
-                records, _ = evaluate.score_items(
-                    engine, dataset.items, policy, options=evaluate.RunOptions(system=system), out_dir=cache, restart=restart, progress=bar
-                )
-            finally:
-                bar.close()
-            model_path = engine.path
-            result = calibrate(
-                records, info.categories, goal, base=policy,
-                model=evaluate.model_identity(model_path), data={**dataset.describe(), "limit": limit},
+            report, files = evaluate.run(
+                engine, dataset, policy, options=options, out_dir=out_dir, judge=judge_obj, restart=restart,
+                progress=bar, n_boot=bootstrap, plots=plots, compare=others, limit=limit, label=label,
             )
         finally:
-            engine.close()
-        profile_path = save_profile(profile_path, result.table)
-        _print_calibration(result, profile_path)
-        if write_gguf or gguf_out is not None:
-            written = set_metadata(model_path, gguf_values(info, result.table, set_defaults=not keep_defaults), out=gguf_out)
-            print(f"wrote the calibration into {written}")
+            bar.close()
+    finally:
+        if judge_obj is not None:
+            judge_obj.close()
+        engine.close()
+    _print_eval_summary(report, files)
+
+
+def calibrate_cmd(
+    model: ModelArg,
+    data: DataOpt,
+    split: Annotated[Optional[str], typer.Option("--split", help="CoCoNot split(s) to calibrate on (default: train; never calibrate on the test split you report).")] = None,
+    target: Annotated[str, typer.Option("--target", help="recall=R (per category), over-refusal=O (whole policy) or f1 (per category).")] = "f1",
+    profile: Annotated[Optional[Path], typer.Option("--profile", help="Where to write the calibration profile (default: MODEL.calibration.json here).")] = None,
+    write_gguf: Annotated[bool, typer.Option("--write-gguf", help="Also store the table (and the calibrated default thresholds) in the model file, rewritten atomically.")] = False,
+    gguf_out: Annotated[Optional[Path], typer.Option("--gguf-out", help="Write a calibrated copy of the model here instead of rewriting it.")] = None,
+    keep_defaults: Annotated[bool, typer.Option("--keep-defaults", help="With --write-gguf or --gguf-out: keep the model's default thresholds; store only the table.")] = False,
+    cache: Annotated[Optional[Path], typer.Option("--cache", help="A folder for resumable per-prompt results (e.g. an eval --out folder of the same model).")] = None,
+    limit: LimitOpt = None,
+    system: SystemOpt = None,
+    restart: RestartOpt = False,
+    force: ForceOpt = False,
+    threads: ThreadsOpt = None,
+    ctx: CtxOpt = None,
+    n_gpu_layers: GpuOpt = None,
+) -> None:
+    """Pick per-category thresholds for a measured target; save the calibration table (profile, optionally the GGUF)."""
+    from rtlocal.evaluation import run as evaluate
+    from rtlocal.evaluation.calibrate import calibrate, gguf_values, parse_target
+    from rtlocal.evaluation.data import load_data
+    from rtlocal.paths import CALIBRATION_PROFILE, GGUF_FILE, check_output
+    from rtlocal.runtime.calibration import save_profile
+    from rtlocal.runtime.gguf_edit import set_metadata
+    from rtlocal.runtime.models import load_settings, resolve_model
+
+    goal = parse_target(target)
+    # every destination is checked before any prompt is scored
+    model_file = resolve_model(model, load_settings())
+    profile_path = check_output(
+        profile or Path(f"{model_file.stem}.calibration.json"), kind=CALIBRATION_PROFILE, force=force,
+        inputs=[model_file, data], flag="--profile",
+    )
+    if gguf_out is not None:
+        check_output(gguf_out, kind=GGUF_FILE, force=force, inputs=[model_file, data, profile_path], flag="--gguf-out")
+    elif write_gguf:
+        check_output(model_file, kind=GGUF_FILE, force=True, flag="--write-gguf")  # rewritten in place
+    dataset = load_data(data, split=split, limit=limit, default_split="train")
+    engine = open_engine(model, threads, ctx, n_gpu_layers)
+    try:
+        info = engine.refusal
+        if not info.present:
+            raise RtlocalError(f"{engine.path.name} has no refusal tokens: there is nothing to calibrate")
+        policy = policy_from_flags(engine, None, None, None, "threshold")
+        print(f"calibrate: {engine.path.name} on {len(dataset.items)} prompts ({', '.join(dataset.splits)}), target {goal}", file=sys.stderr)
+        bar = _ProgressBar("scoring")
+        try:
+            records, _ = evaluate.score_items(
+                engine, dataset.items, policy, options=evaluate.RunOptions(system=system), out_dir=cache, restart=restart, progress=bar
+            )
+        finally:
+            bar.close()
+        model_path = engine.path
+        result = calibrate(
+            records, info.categories, goal, base=policy,
+            model=evaluate.model_identity(model_path), data={**dataset.describe(), "limit": limit},
+        )
+    finally:
+        engine.close()
+    profile_path = save_profile(profile_path, result.table)
+    _print_calibration(result, profile_path)
+    if write_gguf or gguf_out is not None:
+        written = set_metadata(model_path, gguf_values(info, result.table, set_defaults=not keep_defaults), out=gguf_out)
+        print(f"wrote the calibration into {written}")
 
 
 def _print_eval_summary(report: dict, files: dict) -> None:
-    from rtlocal.eval_report import num, pct
+    from rtlocal.evaluation.report import num, pct
 
     s = report["summary"]
     auc = f", ROC AUC {s['roc_auc']:.3f}" if s.get("roc_auc") is not None else ""
@@ -211,7 +208,7 @@ def _print_eval_summary(report: dict, files: dict) -> None:
 
 def _print_calibration(result, profile_path: Path) -> None:
     from rtlocal.constants import alias_of
-    from rtlocal.eval_report import pct
+    from rtlocal.evaluation.report import pct
 
     t = result.table
     print(f"target {t['target']}:")

@@ -21,13 +21,21 @@ from typing import Any
 
 import numpy as np
 
-from rtlocal.calibration import CALIBRATION_VERSION
 from rtlocal.constants import CONTRACT_VERSION, DEFAULT_THRESHOLD, Keys, alias_of
 from rtlocal.errors import RtlocalError, UsageError
-from rtlocal.eval_report import Outcomes, category_curves, finite_or_none, operating_point, outcomes, refused_under, with_thresholds
-from rtlocal.evaluate import FIRST_TOKEN, Record, positives_for
-from rtlocal.metrics import rates_at
-from rtlocal.policy import Policy
+from rtlocal.evaluation.analysis import (
+    Outcomes,
+    category_curves,
+    finite_or_none,
+    operating_point,
+    outcomes,
+    refused_under,
+    with_thresholds,
+)
+from rtlocal.evaluation.data import FIRST_TOKEN, Record, positives_for
+from rtlocal.evaluation.metrics import rates_at
+from rtlocal.runtime.calibration import CALIBRATION_VERSION
+from rtlocal.runtime.policy import Policy
 
 log = logging.getLogger(__name__)
 

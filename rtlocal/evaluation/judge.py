@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 from rtlocal.errors import RtlocalError
 
 if TYPE_CHECKING:
-    from rtlocal.engine import Engine
+    from rtlocal.runtime.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ class ModelJudge:
         return {ids[0] for w in words if (ids := self.engine._tokenize(w, False))}
 
     def __call__(self, prompt: str, answer: str) -> tuple[bool, str | None]:
-        from rtlocal.prompts import Message
+        from rtlocal.runtime.prompts import Message
 
         question = JUDGE_QUESTION.format(prompt=prompt[:JUDGE_PROMPT_CHARS], answer=answer[:JUDGE_PROMPT_CHARS])
         self.engine._eval_prompt(self.engine.prompt_ids([Message("user", question)]))
@@ -172,8 +172,8 @@ def load_judge(spec: str | None, *, n_ctx: int | None = None, n_threads: int | N
     """The default string-match judge, or a judge model from a GGUF path or model name."""
     if not spec or spec == StringMatchJudge.name:
         return StringMatchJudge()
-    from rtlocal.engine import Engine
-    from rtlocal.models import resolve_model
+    from rtlocal.runtime.engine import Engine
+    from rtlocal.runtime.models import resolve_model
 
     path: Path = resolve_model(spec)
     log.info("judge model: %s", path)

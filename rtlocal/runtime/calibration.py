@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from rtlocal.errors import RtlocalError
-from rtlocal.policy import strictness_to_threshold
+from rtlocal.runtime.policy import strictness_to_threshold
 
 
 def threshold_for_rate(curve: list[Mapping[str, float]], rate: float) -> float:

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from rtlocal.errors import ContextFull, RtlocalError, UsageError
-from rtlocal.metadata import RefusalInfo, read_refusal_info, scan_header
-from rtlocal.policy import Decision, Mode, Policy, decide
-from rtlocal.prompts import Message, PromptBuilder
+from rtlocal.runtime.metadata import RefusalInfo, read_refusal_info, scan_header
+from rtlocal.runtime.policy import Decision, Mode, Policy, decide
+from rtlocal.runtime.prompts import Message, PromptBuilder
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ class Engine:
 
     def scores(self, temperature: float = 1.0) -> tuple[dict[str, float], float]:
         """p_k per category and p_respond at the current position (full-vocabulary softmax)."""
-        from rtlocal.policy import softmax
+        from rtlocal.runtime.policy import softmax
 
         info = self.refusal
         probs = softmax(self.last_logits(), temperature)

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import IO, Any
 
 from rtlocal.constants import alias_of
-from rtlocal.engine import Engine, Response, SamplingParams
 from rtlocal.errors import RtlocalError
 from rtlocal.jsonl import parse_object, read_lines
-from rtlocal.policy import Decision, Policy
-from rtlocal.prompts import Message, messages_from_dicts
+from rtlocal.runtime.engine import Engine, Response, SamplingParams
+from rtlocal.runtime.policy import Decision, Policy
+from rtlocal.runtime.prompts import Message, messages_from_dicts
 
 SCHEMA_VERSION = 1
 

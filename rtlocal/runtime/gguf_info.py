@@ -8,7 +8,7 @@ from typing import Any
 
 from rtlocal.constants import STRICTNESS_PRESETS, Keys, TokenType
 from rtlocal.errors import RtlocalError
-from rtlocal.metadata import read_refusal_info
+from rtlocal.runtime.metadata import read_refusal_info
 
 TEMPLATE_HEAD = 400
 

@@ -9,7 +9,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rtlocal.constants import COCONOT_CATEGORIES, DEFAULT_THRESHOLD, RESPOND_TOKEN, SINGLE_CATEGORY, Keys, TokenMode, token_for
+from rtlocal.constants import (
+    COCONOT_CATEGORIES,
+    DEFAULT_THRESHOLD,
+    RESPOND_TOKEN,
+    SINGLE_CATEGORY,
+    Keys,
+    TokenMode,
+    token_for,
+)
 from rtlocal.errors import RtlocalError
 
 
@@ -71,7 +79,7 @@ def read_refusal_info(
 
 def check_contract(info: RefusalInfo, n_vocab: int | None) -> None:
     """RtlocalError naming the GGUF key when the refusal metadata cannot be right."""
-    from rtlocal.calibration import validate
+    from rtlocal.runtime.calibration import validate
 
     key = Keys.CATEGORIES if info.source == "metadata" else "tokenizer.ggml.tokens"
     if not info.categories:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import os
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from rtlocal.errors import RtlocalError
 from rtlocal.paths import config_file, models_dir
@@ -59,7 +60,7 @@ def _policy_spec(flag: str) -> Callable[[Any], str]:
 
     def check(value: Any) -> str:
         from rtlocal.errors import UsageError
-        from rtlocal.policy import check_flags
+        from rtlocal.runtime.policy import check_flags
 
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             value = repr(value)

@@ -13,15 +13,15 @@ from typing import TYPE_CHECKING
 from rtlocal.errors import RtlocalError
 
 if TYPE_CHECKING:
-    from rtlocal.engine import Engine
-    from rtlocal.models import Settings
-    from rtlocal.policy import Policy
+    from rtlocal.runtime.engine import Engine
+    from rtlocal.runtime.models import Settings
+    from rtlocal.runtime.policy import Policy
 
 
 def open_engine(model: str | None, threads: int | None, ctx: int | None, gpu: int | None) -> "Engine":
     """Load the model named by the flag, RTLOCAL_MODEL, config.toml or the default, with the runtime flags."""
-    from rtlocal.engine import DEFAULT_CTX, Engine
-    from rtlocal.models import load_settings, resolve_model
+    from rtlocal.runtime.engine import DEFAULT_CTX, Engine
+    from rtlocal.runtime.models import load_settings, resolve_model
 
     settings = load_settings()
     path = resolve_model(model, settings)
@@ -45,7 +45,7 @@ def check_usage(
     decision_temperature: float = 1.0,
 ) -> None:
     """Every flag value a command takes, checked before any model loads or data is read (UsageError: exit 2)."""
-    from rtlocal.policy import check_decision_temperature, check_flags
+    from rtlocal.runtime.policy import check_decision_temperature, check_flags
 
     check_flags(strictness=strictness, thresholds=threshold, biases=bias, mode=mode)
     check_decision_temperature(decision_temperature)
@@ -60,9 +60,9 @@ def policy_from_flags(
     calibration: Path | None = None,
 ) -> "Policy":
     """The decision rule from the flags over config.toml over the model's defaults; applies a calibration profile."""
-    from rtlocal.calibration import apply_profile, strictness_mapper
-    from rtlocal.models import load_settings
-    from rtlocal.policy import Mode, build_policy
+    from rtlocal.runtime.calibration import apply_profile, strictness_mapper
+    from rtlocal.runtime.models import load_settings
+    from rtlocal.runtime.policy import Mode, build_policy
 
     try:
         mode_v = Mode(mode)

@@ -8,7 +8,7 @@ from textual.app import App
 from textual.binding import Binding
 from textual.screen import Screen
 
-from rtlocal.chat import ChatSession
+from rtlocal.runtime.session import ChatSession
 from rtlocal.tui.screens.chat import ChatScreen
 
 

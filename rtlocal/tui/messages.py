@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from textual.message import Message
 
-from rtlocal.engine import Stats
-from rtlocal.policy import Decision
+from rtlocal.runtime.engine import Stats
+from rtlocal.runtime.policy import Decision
 
 
 @dataclass

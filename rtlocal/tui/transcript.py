@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from rtlocal.constants import alias_of
-from rtlocal.engine import Stats
 from rtlocal.errors import RtlocalError
 from rtlocal.paths import atomic_write_text
-from rtlocal.policy import Decision
+from rtlocal.runtime.engine import Stats
+from rtlocal.runtime.policy import Decision
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 

@@ -20,11 +20,11 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, Input
 from textual.worker import get_current_worker
 
-from rtlocal.calibration import strictness_mapper
-from rtlocal.chat import ChatSession
-from rtlocal.engine import Response
 from rtlocal.errors import RtlocalError
-from rtlocal.policy import Mode, Policy, build_policy
+from rtlocal.runtime.calibration import strictness_mapper
+from rtlocal.runtime.engine import Response
+from rtlocal.runtime.policy import Mode, Policy, build_policy
+from rtlocal.runtime.session import ChatSession
 from rtlocal.tui.messages import AnswerFinished, DecisionMade, GenerationFailed, RefusalTriggered, TokenReceived
 from rtlocal.tui.transcript import Turn, TurnStatus, default_transcript_path, save_transcript
 from rtlocal.tui.widgets.chat_log import ChatLog

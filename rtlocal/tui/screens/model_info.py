@@ -13,10 +13,10 @@ from textual.screen import ModalScreen
 from textual.widgets import Label, Static
 
 from rtlocal.constants import Keys
-from rtlocal.engine import Engine
 from rtlocal.errors import RtlocalError
-from rtlocal.info import format_report, inspect_gguf
-from rtlocal.policy import Policy, describe
+from rtlocal.runtime.engine import Engine
+from rtlocal.runtime.gguf_info import format_report, inspect_gguf
+from rtlocal.runtime.policy import Policy, describe
 from rtlocal.tui.widgets.status_bar import device_label
 
 

@@ -9,8 +9,8 @@ from textual.css.query import NoMatches
 from textual.widgets import Markdown, Static
 from textual.widgets.markdown import MarkdownStream
 
-from rtlocal.engine import Stats
-from rtlocal.policy import Decision
+from rtlocal.runtime.engine import Stats
+from rtlocal.runtime.policy import Decision
 from rtlocal.tui.transcript import Turn, TurnStatus, printable
 from rtlocal.tui.widgets.decision import DecisionView
 

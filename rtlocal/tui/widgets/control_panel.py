@@ -14,7 +14,7 @@ from textual.widgets import Button, Input, Label, Select, Static, Switch
 
 from rtlocal.constants import DEFAULT_THRESHOLD, STRICTNESS_PRESETS, alias_of
 from rtlocal.errors import RtlocalError
-from rtlocal.policy import Mode, Policy, parse_threshold_value
+from rtlocal.runtime.policy import Mode, Policy, parse_threshold_value
 from rtlocal.tui.transcript import fmt_threshold
 
 STEP = 0.05

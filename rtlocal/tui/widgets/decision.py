@@ -8,7 +8,7 @@ from rich.text import Text
 from textual.widgets import Static
 
 from rtlocal.constants import alias_of
-from rtlocal.policy import Decision, passes
+from rtlocal.runtime.policy import Decision, passes
 from rtlocal.tui.transcript import fmt_prob, fmt_threshold
 
 BAR_WIDTH = 20

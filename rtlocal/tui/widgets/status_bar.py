@@ -9,7 +9,7 @@ from textual.css.query import NoMatches
 from textual.reactive import reactive
 from textual.widgets import Label
 
-from rtlocal.engine import Engine, Stats
+from rtlocal.runtime.engine import Engine, Stats
 
 
 def device_label(engine: Engine) -> str:

@@ -1,0 +1,1 @@
+"""Evaluation and calibration: labelled prompts in, refusal rates, curves, reports and calibrated thresholds out."""

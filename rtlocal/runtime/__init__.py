@@ -1,0 +1,1 @@
+"""The runtime: load a GGUF with refusal tokens and decide, per answer, whether to refuse (no torch)."""
