@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from finetune.train import TrainConfig
+from finetune.config import TrainConfig
 from rtlocal.errors import RtlocalError
 from rtlocal.models import DEFAULT_MODEL_NAME
 
