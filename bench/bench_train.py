@@ -5,7 +5,7 @@
 Both loops train the same PEFT model (LoRA on all linear layers + trainable rows for the six
 refusal tokens) on the same padded batches of the default recipe's data, with the same AdamW
 optimizer. The plain loop is what a transformers user writes: `model(input_ids, attention_mask,
-labels).loss.backward()`. Ours is `finetune.train.Forward`: the output projection and the loss only
+labels).loss.backward()`. Ours is `finetune.model.Forward`: the output projection and the loss only
 on answer positions, and the new token rows spliced in without materialising a merged copy of the
 embedding matrix. Steps alternate (plain, ours, plain, ours, ...) so that a busy machine slows both
 alike. Prints tokens/s of each and the ratio (target >= 1.0x).
@@ -35,8 +35,10 @@ def main() -> None:
 
     import torch
 
+    from finetune.encoding import collate, make_batches
+    from finetune.model import Forward, _trainable
     from finetune.recipes import get_recipe
-    from finetune.train import Forward, _optimizer, _trainable, collate, make_batches, prepare
+    from finetune.trainer import _optimizer, prepare
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -2,7 +2,7 @@
 
     python bench/sweep.py --recipe benchmark --grid '[{}, {"epochs": 3}, {"first_token_weight": 1}]' --workers 1
 
-Every setting trains with finetune.train (prepare + fit, the same code as `rtlocal finetune`), then
+Every setting trains with finetune.trainer (prepare + fit, the same code as `rtlocal finetune`), then
 scores the first answer position with transformers: the full-vocabulary softmax of the merged-free
 PEFT model, read at each prompt's last token, and the runtime's own decision rule
 (`rtlocal.runtime.policy.decide` with the default thresholds). It is the runtime's decision up to the
@@ -29,7 +29,7 @@ def first_token_scores(prep, prompts: list[str], batch_size: int = 32) -> list[t
     """(p_k per category, p_respond) at the first answer position of each prompt."""
     import torch
 
-    from finetune.train import ChatEncoder
+    from finetune.encoding import ChatEncoder
     from rtlocal.constants import RESPOND_TOKEN, token_for
 
     enc = ChatEncoder(prep.tokenizer)
@@ -81,7 +81,7 @@ def run_one(args: tuple) -> dict:
     if threads:
         torch.set_num_threads(threads)
     from finetune.recipes import get_recipe
-    from finetune.train import fit, prepare
+    from finetune.trainer import fit, prepare
 
     cfg = replace(get_recipe(recipe, base=base).config, output_dir="", device=device, save_every=0, **overrides)
     t0 = time.perf_counter()

@@ -1,4 +1,5 @@
-"""Fine-tuning with refusal tokens: data (data.py), training (train.py), recipes, build and distill.
+"""Fine-tuning with refusal tokens: data (data.py, pairs.py, rows.py), training (config.py,
+encoding.py, model.py, trainer.py), recipes, build and distill.
 
 Needs the 'train' extra; torch, transformers and peft are imported inside functions only.
 """

@@ -15,9 +15,10 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from finetune.config import TrainConfig
 from finetune.progress import Progress, default_progress
 from finetune.recipes import get_recipe
-from finetune.train import TrainConfig, TrainResult, check_output_dir, train
+from finetune.trainer import TrainResult, check_output_dir, train
 from rtlocal.errors import RtlocalError, require_train_extra
 from rtlocal.paths import cache_dir, check_output, models_dir
 
@@ -102,7 +103,7 @@ def build_default(*, progress: Progress | None = None) -> BuildResult:
 
     A first run cut short by Ctrl-C left a checkpoint in the work dir: the next run continues from it.
     """
-    from finetune.train import CHECKPOINT_DIR, CheckpointMismatch
+    from finetune.trainer import CHECKPOINT_DIR, CheckpointMismatch
 
     progress = progress or default_progress()
     work = cache_dir() / "builds" / get_recipe("default").model_name

@@ -14,7 +14,7 @@ from pathlib import Path
 from finetune.data import load_source, parse_source, write_records
 from finetune.progress import LogProgress, Progress
 from rtlocal.errors import RtlocalError
-from rtlocal.judge import StringMatchJudge
+from rtlocal.evaluation.judge import StringMatchJudge
 from rtlocal.paths import JSONL_FILE, check_output
 
 log = logging.getLogger(__name__)
@@ -60,9 +60,9 @@ def distill(
             (an answer to train after `[respond]` must not be one).
         force: replace an existing `out` that is not a JSONL file (`out` is never the source itself).
     """
-    from rtlocal.engine import Engine, SamplingParams
-    from rtlocal.policy import Mode, Policy
-    from rtlocal.prompts import Message
+    from rtlocal.runtime.engine import Engine, SamplingParams
+    from rtlocal.runtime.policy import Mode, Policy
+    from rtlocal.runtime.prompts import Message
 
     progress = progress or LogProgress()
     if max_tokens < 1:

@@ -225,7 +225,7 @@ def find_overlaps(train: list[tuple[str, str]], holdout: list[tuple[str, str]], 
 
 def filter_holdout(pairs: list[Pair], holdout: list[str], *, near: float = 0.8) -> tuple[list[Pair], int]:
     """The pairs whose item never comes near a held-out prompt, in any frame; and how many were dropped."""
-    from finetune.data import read_prompts
+    from finetune.rows import read_prompts
 
     held = [row for path in holdout for row in read_prompts(path)]
     sides = [(p.id, text) for p in pairs for text in (p.answer_prompt, p.refuse_prompt)]

@@ -18,9 +18,9 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from finetune.train import TrainConfig
+from finetune.config import TrainConfig
 from rtlocal.errors import RtlocalError
-from rtlocal.models import DEFAULT_MODEL_NAME
+from rtlocal.runtime.models import DEFAULT_MODEL_NAME
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHARED_DATA_ENV = "RTLOCAL_SHARED_DATA"  # where CoCoNot and self-instruct live (default: ../shared/data)

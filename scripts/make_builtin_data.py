@@ -23,9 +23,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from finetune.data import check_holdout, load_builtin, load_source, read_jsonl  # noqa: E402
+from finetune.data import check_holdout, load_builtin, load_source  # noqa: E402
 from finetune.distill import distill  # noqa: E402
 from finetune.recipes import THIRDPARTY, holdout_files  # noqa: E402
+from finetune.rows import read_jsonl  # noqa: E402
 from rtlocal.constants import Category  # noqa: E402
 from rtlocal.paths import atomic_write_text  # noqa: E402
 

@@ -40,7 +40,7 @@ def tiny_data(tmp_path) -> Path:
 
 
 def tiny_config(base: Path, data: Path, out: Path, **kw):
-    from finetune.train import TrainConfig
+    from finetune.config import TrainConfig
 
     settings = dict(
         base=str(base), output_dir=str(out), data=[str(data)], lora_r=4, lora_alpha=8, max_steps=40, batch_size=4,
@@ -87,7 +87,7 @@ def test_training_ids_follow_the_runtime(tiny_base, tiny_adapter):
     from transformers import AutoTokenizer
 
     from finetune.data import Record
-    from finetune.train import IGNORE, ChatEncoder
+    from finetune.encoding import IGNORE, ChatEncoder
 
     tok = AutoTokenizer.from_pretrained(tiny_adapter)
     enc = ChatEncoder(tok)
@@ -110,8 +110,9 @@ def test_refusal_texts_can_be_trained_whole(tiny_base, tiny_adapter):
     """max_refusal_tokens: refusals keep their whole text and end of turn while answers are cut."""
     from transformers import AutoTokenizer
 
+    from finetune.config import TrainConfig
     from finetune.data import Record
-    from finetune.train import ChatEncoder, TrainConfig, encode_dataset
+    from finetune.encoding import ChatEncoder, encode_dataset
 
     tok = AutoTokenizer.from_pretrained(tiny_adapter)
     enc = ChatEncoder(tok)
@@ -134,7 +135,9 @@ def test_refusal_texts_can_be_trained_whole(tiny_base, tiny_adapter):
 def test_fast_forward_equals_peft_forward(tiny_base, tiny_data, tmp_path):
     import torch
 
-    from finetune.train import Forward, collate, prepare
+    from finetune.encoding import collate
+    from finetune.model import Forward
+    from finetune.trainer import prepare
 
     prep = prepare(tiny_config(tiny_base, tiny_data, tmp_path / "o"))
     fwd = Forward(prep.model, 3.0)
@@ -150,7 +153,9 @@ def test_bf16_autocast_parity(tiny_base, tiny_data, tmp_path):
     """bf16 autocast keeps the loss and its gradients close to fp32 (bounds, not equality: CPUs differ)."""
     import torch
 
-    from finetune.train import Forward, _trainable, autocast, collate, prepare
+    from finetune.encoding import collate
+    from finetune.model import Forward, _trainable, autocast
+    from finetune.trainer import prepare
 
     prep = prepare(tiny_config(tiny_base, tiny_data, tmp_path / "o", precision="bf16"))
     fwd = Forward(prep.model, 3.0)
@@ -172,7 +177,7 @@ def test_bf16_autocast_parity(tiny_base, tiny_data, tmp_path):
 
 def test_interrupt_saves_and_resume_finishes(tiny_base, tiny_data, tmp_path):
     from finetune.progress import LogProgress
-    from finetune.train import train
+    from finetune.trainer import train
 
     class StopAt(LogProgress):
         def update(self, done, **info):
@@ -194,7 +199,7 @@ def test_interrupt_saves_and_resume_finishes(tiny_base, tiny_data, tmp_path):
     r = train(replace(cfg, resume=True), progress=rec)
     assert r.steps == 8 and (out / "rtlocal.json").exists() and not (out / "checkpoint").exists()
     assert rec.started == ("training", 8, 5)  # the bar's ETA counts only this run's steps
-    from finetune.train import RtlocalError
+    from finetune.trainer import RtlocalError
 
     with pytest.raises(RtlocalError, match="--resume: no checkpoint"):
         train(replace(cfg, resume=True))
@@ -210,7 +215,7 @@ def test_eta_after_resume():
 
 
 def test_single_mode_tokens(tiny_base, tiny_data, tmp_path):
-    from finetune.train import prepare
+    from finetune.trainer import prepare
 
     prep = prepare(tiny_config(tiny_base, tiny_data, tmp_path / "o", mode="single", token_init="mean"))
     assert list(prep.token_ids) == tokens_for_mode("single")

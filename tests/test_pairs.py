@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from finetune.data import DataConfig, build_dataset, check_holdout, load_source, read_prompts
+from finetune.data import DataConfig, build_dataset, check_holdout, load_source
 from finetune.pairs import ITEMS_FILE, expand, filter_holdout, find_overlaps, load_pair_types, main
+from finetune.rows import read_prompts
 from rtlocal.constants import COCONOT_CATEGORIES, Category
 from rtlocal.errors import RtlocalError
 

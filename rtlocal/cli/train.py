@@ -28,7 +28,7 @@ def _config(recipe: str | None, config_file: Path | None, flags: dict[str, Any])
     """Recipe < config file < flags."""
     from dataclasses import replace
 
-    from finetune.train import TrainConfig
+    from finetune.config import TrainConfig
 
     if recipe:
         from finetune.recipes import get_recipe
@@ -76,7 +76,7 @@ def finetune(
     """Fine-tune a base model with refusal tokens (LoRA + new token rows) into an adapter dir."""
     require_train_extra("rtlocal finetune")
     from finetune.progress import BarProgress
-    from finetune.train import train
+    from finetune.trainer import train
 
     if out is None:
         raise RtlocalError("--out DIR is required (where the adapter goes)")
