@@ -26,7 +26,6 @@ from rtlocal.cli.flags import (
 from rtlocal.constants import alias_of
 from rtlocal.errors import ContextFull, RtlocalError
 from rtlocal.runtime.options import check_usage, open_engine, policy_from_flags
-from rtlocal.runtime.policy import describe
 
 if TYPE_CHECKING:  # the engine (and numpy) load when a chat starts, not for `rtlocal --help`
     from rtlocal.runtime.engine import Response
@@ -110,6 +109,8 @@ def decision_line(response: Response) -> str:
 
 def run_repl(session: ChatSession, stdin: IO, stdout: IO) -> None:
     """A line-mode chat: works in pipes, prints the decision before each answer."""
+    from rtlocal.runtime.policy import describe
+
     interactive = stdin.isatty()
     if interactive:
         print(f"rtlocal chat · {session.engine.path.name} · {describe(session.policy)}", file=stdout)
