@@ -76,10 +76,10 @@ def build(
         raise RtlocalError(f"cannot create the models dir {models_dir()}: {e.strerror or e}") from None
     check_output(target, kind=None, force=force)  # a model of that name is replaced only with --force
     work = Path(work_dir).expanduser() if work_dir else cache_dir() / "builds" / name
-    check_output_dir(work)
+    check_output_dir(work, force=force, base=config.base)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
-    result = train(replace(config, output_dir=str(work)), progress=progress)
+    result = train(replace(config, output_dir=str(work)), progress=progress, force=force)
     times["train"] = time.perf_counter() - t0
     progress.stage(f"converting to GGUF ({out_type})")
     t0 = time.perf_counter()

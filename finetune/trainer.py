@@ -89,9 +89,14 @@ def _schedule(config: TrainConfig, total: int):
     return factor
 
 
-def check_output_dir(path: Path) -> None:
-    """Fail before any heavy work when the output dir cannot be created or written."""
+def check_output_dir(path: Path, *, force: bool = False, base: str | None = None) -> None:
+    """Fail before any heavy work when the output dir must not or cannot be written: a folder holding
+    other files (unless forced), the base model's own folder, or one that cannot be created or written."""
+    from convert.merge import MANIFEST
+    from rtlocal.paths import check_output_folder
+
     path = Path(path).expanduser()
+    check_output_folder(path, markers=(MANIFEST, CHECKPOINT_DIR, "adapter_config.json"), force=force, inputs=[base])
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-test-{os.getpid()}"
@@ -224,16 +229,17 @@ def _load_checkpoint(prep: Prepared, path: Path, opt: Any, sched: Any, fingerpri
     return state
 
 
-def train(config: TrainConfig, *, progress: Progress | None = None) -> TrainResult:
+def train(config: TrainConfig, *, progress: Progress | None = None, force: bool = False) -> TrainResult:
     """Fine-tune `config.base` on `config.data` and write adapter + tokenizer + rtlocal.json to `config.output_dir`.
 
     Ctrl-C writes a checkpoint first (continue with `resume=True`), then re-raises KeyboardInterrupt.
+    An output dir holding other files is written into only with `force`.
     """
     progress = progress or LogProgress()
     if not config.output_dir:
         raise RtlocalError("no output directory given")
     out = Path(config.output_dir).expanduser()
-    check_output_dir(out)
+    check_output_dir(out, force=force, base=config.base)
     prep = prepare(config, progress)
     metrics = fit(prep, progress=progress, checkpoint_dir=out / CHECKPOINT_DIR)
     save_output(prep, out, metrics)

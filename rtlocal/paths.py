@@ -127,6 +127,16 @@ JSONL_FILE = OutputKind("JSONL file", _first_line_is_object)
 CALIBRATION_PROFILE = OutputKind("calibration profile", _json_object_with("categories"))
 
 
+def _transcript(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(64)
+    return head.startswith(b"# rtlocal chat") or _json_object_with("turns")(path)
+
+
+TRANSCRIPT_FILE = OutputKind("chat transcript (saved by rtlocal)", _transcript)
+FORCE_HINT = "pass --force to replace it"
+
+
 def _same_file(a: Path, b: Path | str) -> bool:
     try:
         return os.path.samefile(a, Path(b).expanduser())
@@ -135,13 +145,15 @@ def _same_file(a: Path, b: Path | str) -> bool:
 
 
 def check_output(
-    path: Path | str, *, kind: OutputKind | None, force: bool = False, inputs: Iterable[Path | str | None] = (), flag: str = "--out"
+    path: Path | str, *, kind: OutputKind | None, force: bool = False, inputs: Iterable[Path | str | None] = (), flag: str = "--out",
+    hint: str = FORCE_HINT,
 ) -> Path:
     """Fail before any work when `path` cannot, or must not, be written; return it expanded.
 
     Every command that writes a file calls this first, so that nothing the user did not ask to
     replace is lost: an output is never one of the command's inputs, and an existing file is
-    replaced only when it is of the `kind` the command writes (`kind=None`: never), or with --force.
+    replaced only when it is of the `kind` the command writes (`kind=None`: never), or with --force
+    (`hint` says how to force it where there is no flag, as in the TUI).
     """
     p = Path(path).expanduser()
     for src in inputs:
@@ -156,20 +168,25 @@ def check_output(
         raise RtlocalError(f"cannot write {p}: permission denied")
     if p.exists() and not force:
         if kind is None:
-            raise RtlocalError(f"{p} exists: pass --force to replace it")
+            raise RtlocalError(f"{p} exists: {hint}")
         try:
             same_kind = p.stat().st_size == 0 or kind.matches(p)
         except OSError:
             same_kind = False
         if not same_kind:
-            raise RtlocalError(f"{p} exists and is not a {kind.name}: pass --force to replace it")
+            raise RtlocalError(f"{p} exists and is not a {kind.name}: {hint}")
     return p
 
 
-def check_output_folder(path: Path | str, *, markers: Iterable[str], force: bool = False, flag: str = "--out") -> Path:
+def check_output_folder(
+    path: Path | str, *, markers: Iterable[str], force: bool = False, flag: str = "--out", inputs: Iterable[Path | str | None] = ()
+) -> Path:
     """The folder form of `check_output`: an existing folder is written into only when it is empty or
-    holds one of `markers` (files this command writes there), or with --force."""
+    holds one of `markers` (files this command writes there), or with --force; never an input folder."""
     p = Path(path).expanduser()
+    for src in inputs:
+        if src is not None and _same_file(p, src):
+            raise RtlocalError(f"{flag} {p} is also an input of this command: choose another folder")
     if p.exists() and not p.is_dir():
         raise RtlocalError(f"{flag} {p}: exists and is not a folder")
     if p.is_dir() and not force:

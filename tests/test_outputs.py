@@ -15,6 +15,7 @@ import pytest
 from rtlocal.errors import RtlocalError
 from rtlocal.paths import atomic_write_text
 from tests.test_evaluate import PROMPTS, error_line, run_cli, write_jsonl
+from tests.test_finetune import tiny_data  # noqa: F401 (a fixture)
 
 
 @pytest.fixture
@@ -125,6 +126,43 @@ def test_a_named_model_is_replaced_only_with_force(tmp_path):
         check_output(target, kind=None)  # what `rtlocal build` asks for its models-dir name
     assert check_output(target, kind=None, force=True) == target
     assert check_output(target, kind=GGUF_FILE) == target
+
+
+def test_finetune_writes_only_into_its_own_folder(files, tiny_data, tmp_path, capsys):
+    """`finetune --out DIR`: a folder holding other files, or the base model's own folder, is refused before
+    any data or model loads; --force writes into the first (the other files stay)."""
+    out = tmp_path / "my-project"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine\n")
+    args = ["finetune", str(files["base"]), "--data", str(tiny_data), "--max-steps", "1", "--lora-r", "2", "--val-fraction", "0", "--threads", "1"]
+    rc, _, err = run_cli([*args, "--out", str(out)], capsys)
+    assert rc == 1 and "a folder with other files in it" in error_line(err) and "--force" in error_line(err)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    rc, _, err = run_cli([*args, "--out", str(files["base"])], capsys)
+    assert rc == 1 and "is also an input" in error_line(err)
+    rc, _, err = run_cli([*args, "--out", str(out), "--force"], capsys)
+    assert rc == 0, err
+    assert (out / "rtlocal.json").is_file() and (out / "notes.txt").read_text() == "mine\n"
+    rc, _, err = run_cli([*args, "--out", str(out)], capsys)  # its own folder again: no --force needed
+    assert rc == 0, err
+
+
+def test_a_transcript_replaces_only_a_transcript(tmp_path):
+    """The TUI's save dialog writes through the same guard: an earlier transcript is replaced, any other
+    file is kept and the dialog says to choose another name."""
+    from rtlocal.tui.transcript import Turn, save_transcript
+
+    turns = [Turn(1, "hi", "hello")]
+    notes = tmp_path / "notes.md"
+    notes.write_text("# my notes\n")
+    with pytest.raises(RtlocalError, match="exists and is not a chat transcript \(saved by rtlocal\): choose another name"):
+        save_transcript(notes, turns, model="m.gguf", system=None)
+    assert notes.read_text() == "# my notes\n"
+    for fmt, name in (("markdown", "chat.md"), ("json", "chat.json")):
+        for _ in range(2):  # the second save replaces the first
+            assert save_transcript(tmp_path / name, turns, model="m.gguf", system=None, fmt=fmt) == tmp_path / name
+    assert save_transcript(notes, turns, model="m.gguf", system=None, force=True) == notes
+    assert notes.read_text().startswith("# rtlocal chat")
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])

@@ -314,7 +314,7 @@ def test_transcript_helpers(tmp_path):
     turn = Turn(1, "hi", "hello", status=TurnStatus.STOPPED)
     path = save_transcript(tmp_path / "t", [turn], model="m.gguf", system=None, fmt="json")
     assert path.suffix == ".json" and json.loads(path.read_text())["turns"][0]["status"] == "stopped"
-    with pytest.raises(Exception, match="no such directory"):
+    with pytest.raises(Exception, match="does not exist"):
         save_transcript(tmp_path / "missing" / "t.md", [turn], model="m", system=None)
 
 

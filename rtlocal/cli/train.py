@@ -72,6 +72,7 @@ def finetune(
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch.", min=1)] = None,
     save_every: Annotated[Optional[int], typer.Option("--save-every", help="Checkpoint every N steps (0: only on Ctrl-C).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint in --out.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Write into an --out folder that holds other files.")] = False,
 ) -> None:
     """Fine-tune a base model with refusal tokens (LoRA + new token rows) into an adapter dir."""
     require_train_extra("rtlocal finetune")
@@ -91,7 +92,7 @@ def finetune(
     if not cfg.base:
         raise RtlocalError("no base model: give BASE (a HF id, HF dir or GGUF file) or --recipe default")
     try:
-        r = train(cfg, progress=BarProgress())
+        r = train(cfg, progress=BarProgress(), force=force)
     except KeyboardInterrupt:
         _interrupted("training")
     m = r.metrics
@@ -113,7 +114,7 @@ def build(
     exclude_types: Annotated[Optional[list[str]], typer.Option("--exclude-types", help="Leave these contrast-pair types out (leave-one-type-out runs).")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1)] = None,
     work_dir: Annotated[Optional[Path], typer.Option("--work-dir", help="Where the adapter goes (default: the cache dir).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing model of that name.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing model of that name (and write into a --work-dir that holds other files).")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted build.")] = False,
 ) -> None:
     """Fine-tune, convert and register a model in the models dir, in one command."""

@@ -13,7 +13,7 @@ from typing import Any
 
 from rtlocal.constants import alias_of
 from rtlocal.errors import RtlocalError
-from rtlocal.paths import atomic_write_text
+from rtlocal.paths import TRANSCRIPT_FILE, atomic_write_text, check_output
 from rtlocal.runtime.engine import Stats
 from rtlocal.runtime.policy import Decision
 
@@ -142,9 +142,10 @@ def transcript_markdown(turns: list[Turn], *, model: str, system: str | None, sa
 
 
 def save_transcript(
-    path: str | Path, turns: list[Turn], *, model: str, system: str | None, fmt: str | None = None
+    path: str | Path, turns: list[Turn], *, model: str, system: str | None, fmt: str | None = None, force: bool = False
 ) -> Path:
-    """Write the transcript atomically; the format follows `fmt` or else the file extension.
+    """Write the transcript atomically; the format follows `fmt` or else the file extension. An existing
+    file is replaced only when it is an rtlocal transcript, or with `force`.
 
     Returns:
         The path written (with '.md' or '.json' added when it had no extension).
@@ -155,10 +156,8 @@ def save_transcript(
         raise RtlocalError(f"transcript format must be markdown or json, got {fmt!r}")
     if not p.suffix:
         p = p.with_suffix(".json" if fmt == "json" else ".md")
-    if p.is_dir():
-        raise RtlocalError(f"{p} is a directory")
-    if not p.parent.is_dir():
-        raise RtlocalError(f"{p.parent}: no such directory")
+    # an earlier transcript is replaced; any other file only when forced
+    p = check_output(p, kind=TRANSCRIPT_FILE, force=force, hint="choose another name")
     render = transcript_json if fmt == "json" else transcript_markdown
     try:
         atomic_write_text(p, render(turns, model=model, system=system))
