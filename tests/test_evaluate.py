@@ -414,6 +414,7 @@ def test_two_runs_on_one_out_folder(tiny_gguf, tmp_path, capsys):
         stdout, stderr = first.communicate(timeout=600)
     assert running, "the first run ended before the second started: the check proves nothing"
     assert rc == 1 and "is in use by another rtlocal eval" in error_line(err)
+    assert "eval: " not in err  # stopped before its model loaded (that line follows the load)
     assert first.returncode == 0, stderr
     assert json.loads((out / "report.json").read_text())["n"] == 2000
 

@@ -84,7 +84,7 @@ def eval_cmd(
     from rtlocal.evaluation.data import GENERATE, load_data
     from rtlocal.evaluation.judge import load_judge
     from rtlocal.evaluation.report import load_report
-    from rtlocal.paths import LOCK_FILE, check_output_folder
+    from rtlocal.paths import LOCK_FILE, check_output_folder, lock_folder
     from rtlocal.runtime.models import load_settings, resolve_model
 
     check_usage(strictness=strictness, threshold=threshold)
@@ -97,29 +97,30 @@ def eval_cmd(
     )
     others = [load_report(p) for p in compare or []]
     dataset = load_data(data, split=split, limit=limit)
-    engine = open_engine(model, threads, ctx, n_gpu_layers)
-    judge_obj = None
-    try:
-        policy = policy_from_flags(engine, strictness, threshold, None, "threshold", calibration)
-        if mode == GENERATE:
-            judge_obj = load_judge(judge, n_ctx=ctx, n_threads=threads)
-        if label is None:
-            flags = [mode] + [f"{n} {v}" for n, v in (("strictness", strictness), ("threshold", threshold)) if v]
-            calibrated = calibration_profile(calibration, load_settings(), engine.refusal.present) is not None
-            label = f"{engine.path.name} ({', '.join(flags + (['calibrated'] if calibrated else []))})"
-        print(f"eval: {engine.path.name}, {len(dataset.items)} prompts ({', '.join(dataset.splits)}), {mode} -> {out_dir}", file=sys.stderr)
-        bar = _ProgressBar("eval")
+    with lock_folder(out_dir, "rtlocal eval"):  # a second run on this folder stops here, before its model loads
+        engine = open_engine(model, threads, ctx, n_gpu_layers)
+        judge_obj = None
         try:
-            report, files = evaluate.run(
-                engine, dataset, policy, options=options, out_dir=out_dir, judge=judge_obj, restart=restart,
-                progress=bar, n_boot=bootstrap, plots=plots, compare=others, limit=limit, label=label,
-            )
+            policy = policy_from_flags(engine, strictness, threshold, None, "threshold", calibration)
+            if mode == GENERATE:
+                judge_obj = load_judge(judge, n_ctx=ctx, n_threads=threads)
+            if label is None:
+                flags = [mode] + [f"{n} {v}" for n, v in (("strictness", strictness), ("threshold", threshold)) if v]
+                calibrated = calibration_profile(calibration, load_settings(), engine.refusal.present) is not None
+                label = f"{engine.path.name} ({', '.join(flags + (['calibrated'] if calibrated else []))})"
+            print(f"eval: {engine.path.name}, {len(dataset.items)} prompts ({', '.join(dataset.splits)}), {mode} -> {out_dir}", file=sys.stderr)
+            bar = _ProgressBar("eval")
+            try:
+                report, files = evaluate.run(
+                    engine, dataset, policy, options=options, out_dir=out_dir, judge=judge_obj, restart=restart,
+                    progress=bar, n_boot=bootstrap, plots=plots, compare=others, limit=limit, label=label,
+                )
+            finally:
+                bar.close()
         finally:
-            bar.close()
-    finally:
-        if judge_obj is not None:
-            judge_obj.close()
-        engine.close()
+            if judge_obj is not None:
+                judge_obj.close()
+            engine.close()
     _print_eval_summary(report, files)
 
 
