@@ -206,8 +206,10 @@ def lock_folder(folder: Path | str, what: str) -> Iterator[Path]:
     at once with a clear error instead of both writing and one losing its results.
 
     An OS lock (flock), so a crashed run never leaves the folder locked. Re-entrant within a process.
+    A folder this call created is removed again when the run ends having written nothing into it.
     """
     folder = Path(folder).expanduser()
+    created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -239,7 +241,16 @@ def lock_folder(folder: Path | str, what: str) -> Iterator[Path]:
             yield folder
         finally:
             del _held[key]
+            empty = created and [c.name for c in folder.iterdir()] == [LOCK_FILE]
+            if empty:
+                discard(path)  # still holding the lock: no other run can have taken it
             _unlock(f)
+            if empty:
+                f.close()
+                try:
+                    folder.rmdir()
+                except OSError:
+                    pass
     finally:
         f.close()
 
