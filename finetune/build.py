@@ -18,7 +18,7 @@ from pathlib import Path
 from finetune.config import TrainConfig
 from finetune.progress import Progress, default_progress
 from finetune.recipes import get_recipe
-from finetune.trainer import TrainResult, check_output_dir, train
+from finetune.trainer import TrainResult, train
 from rtlocal.errors import RtlocalError, require_train_extra
 from rtlocal.paths import cache_dir, check_output, models_dir
 
@@ -76,7 +76,6 @@ def build(
         raise RtlocalError(f"cannot create the models dir {models_dir()}: {e.strerror or e}") from None
     check_output(target, kind=None, force=force)  # a model of that name is replaced only with --force
     work = Path(work_dir).expanduser() if work_dir else cache_dir() / "builds" / name
-    check_output_dir(work, force=force, base=config.base)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     result = train(replace(config, output_dir=str(work)), progress=progress, force=force)

@@ -127,10 +127,12 @@ JSONL_FILE = OutputKind("JSONL file", _first_line_is_object)
 CALIBRATION_PROFILE = OutputKind("calibration profile", _json_object_with("categories"))
 
 
+_has_turns = _json_object_with("turns")
+
+
 def _transcript(path: Path) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(64)
-    return head.startswith(b"# rtlocal chat") or _json_object_with("turns")(path)
+    """A transcript the TUI saved: its Markdown heading, or JSON with turns."""
+    return _starts_with(b"# rtlocal chat")(path) or _has_turns(path)
 
 
 TRANSCRIPT_FILE = OutputKind("chat transcript (saved by rtlocal)", _transcript)
@@ -142,6 +144,12 @@ def _same_file(a: Path, b: Path | str) -> bool:
         return os.path.samefile(a, Path(b).expanduser())
     except OSError:
         return False
+
+
+def _check_not_an_input(p: Path, inputs: Iterable[Path | str | None], flag: str, what: str) -> None:
+    for src in inputs:
+        if src is not None and _same_file(p, src):
+            raise RtlocalError(f"{flag} {p} is also an input of this command: choose another {what}")
 
 
 def check_output(
@@ -156,9 +164,7 @@ def check_output(
     (`hint` says how to force it where there is no flag, as in the TUI).
     """
     p = Path(path).expanduser()
-    for src in inputs:
-        if src is not None and _same_file(p, src):
-            raise RtlocalError(f"{flag} {p} is also an input of this command: choose another file")
+    _check_not_an_input(p, inputs, flag, "file")
     if p.is_dir():
         raise RtlocalError(f"cannot write {p}: it is a directory")
     parent = p.absolute().parent
@@ -184,9 +190,7 @@ def check_output_folder(
     """The folder form of `check_output`: an existing folder is written into only when it is empty or
     holds one of `markers` (files this command writes there), or with --force; never an input folder."""
     p = Path(path).expanduser()
-    for src in inputs:
-        if src is not None and _same_file(p, src):
-            raise RtlocalError(f"{flag} {p} is also an input of this command: choose another folder")
+    _check_not_an_input(p, inputs, flag, "folder")
     if p.exists() and not p.is_dir():
         raise RtlocalError(f"{flag} {p}: exists and is not a folder")
     if p.is_dir() and not force:
@@ -223,6 +227,7 @@ def lock_folder(folder: Path | str, what: str) -> Iterator[Path]:
             _held[key] -= 1
         return
     path = folder / LOCK_FILE
+    empty = False
     try:
         f = open(path, "a+", encoding="utf-8")
     except OSError as e:
@@ -245,14 +250,13 @@ def lock_folder(folder: Path | str, what: str) -> Iterator[Path]:
             if empty:
                 discard(path)  # still holding the lock: no other run can have taken it
             _unlock(f)
-            if empty:
-                f.close()
-                try:
-                    folder.rmdir()
-                except OSError:
-                    pass
     finally:
         f.close()
+        if empty:
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
 
 
 try:
