@@ -1,12 +1,16 @@
 """Leave one type out: train the default recipe without one contrast-pair type, score that type.
 
-    python bench/loto.py --types homonyms,cyber [--max-steps N] [--full MODEL.gguf]
+    python bench/loto.py --types homonyms,cyber [--together] [--max-steps N] [--full MODEL.gguf]
 
 For each type T the default recipe is built without T's contrast pairs (`exclude_types`), as
 `smollm2-135m-rt-loto-T` in the models dir (RTLOCAL_HOME), and scored by its first-token refusal
 probability on the look-alike validation rows of type T (bench/validation/lookalike.jsonl): AUROC,
 refused and over-refused at `balanced`. With --full, the model trained on every type is scored beside
 it: the gap is what seeing the type in training buys. A built model is reused on a rerun.
+
+--together leaves all the listed types out of one build (`smollm2-135m-rt-lgo-T1-T2-...`) and scores
+each of them on it: a stricter test than one type out (the model has not seen any of the group's
+pairs), at the cost of one build for the group.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ def score_type(model: Path, items: list, threads: int | None) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--types", required=True, help="Comma-separated pair types (see finetune/builtin/pair_items.json).")
+    ap.add_argument("--together", action="store_true", help="Leave every listed type out of one build (leave-group-out).")
     ap.add_argument("--max-steps", type=int, default=None, help="Cap the training steps (a quicker, weaker run).")
     ap.add_argument("--full", type=Path, default=None, help="The default model, trained on every type, for comparison.")
     ap.add_argument("--threads", type=int, default=None)
@@ -71,10 +76,11 @@ def main() -> int:
         if not rows:
             print(f"{t}: no validation rows of this type; skipped", file=sys.stderr)
             continue
-        name = f"{recipe.model_name}-loto-{t}"
+        left_out = types if args.together else [t]
+        name = f"{recipe.model_name}-lgo-{'-'.join(types)}" if args.together else f"{recipe.model_name}-loto-{t}"
         path = models_dir() / f"{name}.gguf"
         if not path.exists():
-            cfg = replace(recipe.config, exclude_types=[t], max_steps=args.max_steps)
+            cfg = replace(recipe.config, exclude_types=left_out, max_steps=args.max_steps)
             build(cfg, name=name)
         results[t] = {"without": score_type(path, rows, args.threads)}
         if args.full:

@@ -17,7 +17,7 @@ from rtlocal.errors import RtlocalError
 
 TOKEN_INITS = ("words", "mean")
 SCHEDULERS = ("cosine", "linear", "constant")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -63,7 +63,12 @@ class TrainConfig:
     # Run
     seed: int = field(default=0, metadata={"help": "Seed for data order, templates and initialisation."})
     device: str = field(default="auto", metadata={"help": "auto (CUDA, then MPS, then CPU), cpu, cuda or mps."})
-    precision: str = field(default="fp32", metadata={"help": "fp32, or bf16 autocast of the matrix products (CPUs with AVX512-BF16/AMX, recent GPUs).", "choices": list(PRECISIONS)})
+    precision: str = field(
+        default="auto",
+        metadata={"help": "auto: bf16 autocast of the matrix products where the hardware has them (x86 CPUs with "
+                  "AVX512-BF16/AMX, recent GPUs) and the first batch's loss matches fp32's, else fp32; or fp32, bf16.",
+                  "choices": list(PRECISIONS)},
+    )
     threads: int | None = field(default=None, metadata={"help": "CPU threads for torch (default: the idle cores, at least 1)."})
     save_every: int = field(default=50, metadata={"help": "Write a checkpoint every N steps (0: only on Ctrl-C)."})
     log_every: int = field(default=10, metadata={"help": "Record the training loss every N steps."})

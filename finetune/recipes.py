@@ -80,12 +80,16 @@ def _builtin_only_config(base: str | None = None) -> TrainConfig:
         lora_r=16,
         lora_alpha=32,
         seed=0,
+        precision="fp32",  # as built and measured before bf16 autocast
     )
 
 
 def _default_config(base: str | None = None) -> TrainConfig:
-    # One pass over a weighted sample: each source's weight sets its share of the ~3,000 examples a
-    # 20-minute run on 2 CPU cores affords (bench/RESULTS.md). The pairs' answered sides train the
+    # 1.2 passes over a weighted sample: each source's weight sets its share of the ~2,700 examples, and
+    # bf16 autocast (precision auto, where the CPU has it) pays for the extra 0.2 of a pass within the
+    # 20 minutes on 2 CPU cores (bench/RESULTS.md). The decision token's loss weight (20) and the token
+    # rows' learning rate (1e-2) are the GPU sweep's best; on the CPU they sharpen the decision so that
+    # `balanced` (0.5) refuses most of what should be refused. The pairs' answered sides train the
     # decision only; answers after [respond] come from CoCoNot's `chosen`, the built-in look-alikes and
     # tasks, self-instruct, and the forced answers to non-safety refusal prompts.
     return replace(
@@ -101,8 +105,11 @@ def _default_config(base: str | None = None) -> TrainConfig:
         ],
         holdout_near=0.8,  # near-copies of a validation or test prompt are left out, not only exact repeats
         balance=0.0,  # about half the decisions are [respond], as in use; oversampling refusals over-refused 27%
-        epochs=1.0,
+        epochs=1.2,
         learning_rate=1e-3,
+        first_token_weight=20.0,
+        token_learning_rate=1e-2,
+        precision="auto",
     )
 
 

@@ -29,10 +29,13 @@ from finetune.config import TrainConfig
 from finetune.data import Dataset, build_dataset
 from finetune.encoding import ChatEncoder, Example, collate, encode_dataset, make_batches
 from finetune.model import (
+    BF16_PARITY_TOLERANCE,
     Forward,
     _trainable,
     add_refusal_tokens,
     autocast,
+    bf16_native,
+    bf16_parity,
     count_trainable,
     idle_cores,
     load_base,
@@ -179,8 +182,7 @@ def evaluate(prep: Prepared, fwd: Forward, batch_size: int = 16) -> dict[str, An
         for k in range(0, len(prep.val), batch_size):
             chunk = prep.val[k : k + batch_size]
             batch = _to(collate(chunk, prep.tokenizer.pad_token_id or 0), prep.device)
-            with autocast(prep.device, prep.config.precision):
-                logits, tgt, is_first = fwd.logits_and_targets(batch)
+            logits, tgt, is_first = fwd.logits_and_targets(batch)  # in fp32, whatever the training ran in
             total += torch.nn.functional.cross_entropy(logits, tgt, reduction="sum").item()
             n += tgt.numel()
             probs = torch.softmax(logits[is_first], -1)[:, start_ids.to(logits.device)].cpu()
@@ -266,8 +268,13 @@ def fit(prep: Prepared, *, progress: Progress | None = None, checkpoint_dir: Pat
             raise RtlocalError("--resume needs an output dir with a checkpoint")
         state = _load_checkpoint(prep, checkpoint_dir, opt, sched, fingerprint)
         progress.stage(f"resuming at step {state['step']}/{total}")
+    if "precision" not in state:  # a resumed run keeps the precision it started with
+        first = _to(collate([prep.train[i] for i in make_batches(prep.train, config.batch_size, config.seed, 0)[0]], pad), prep.device)
+        state["precision"], parity = choose_precision(config.precision, fwd, first, prep.device)
+        state["bf16_parity"] = None if parity is None else round(parity, 5)
+    precision = state["precision"]
     n_train = count_trainable(prep.model)
-    log.info("trainable parameters: %d; %d examples, %d steps on %s (%d threads)", n_train, len(prep.train), total, prep.device, torch.get_num_threads())
+    log.info("trainable parameters: %d; %d examples, %d steps on %s (%d threads, %s)", n_train, len(prep.train), total, prep.device, torch.get_num_threads(), precision)
     prep.model.train()
     progress.start("training", total, initial=state["step"])
     t0 = time.perf_counter() - state["seconds"]
@@ -280,7 +287,7 @@ def fit(prep: Prepared, *, progress: Progress | None = None, checkpoint_dir: Pat
             epoch, k = divmod(micro, per_epoch)
             batch_ix = make_batches(prep.train, config.batch_size, config.seed, epoch)[k]
             batch = _to(collate([prep.train[i] for i in batch_ix], pad), prep.device)
-            with autocast(prep.device, config.precision):
+            with autocast(prep.device, precision):
                 loss, info = fwd.loss(batch)
             (loss / config.grad_accum).backward()
             micro += 1
@@ -324,7 +331,26 @@ def fit(prep: Prepared, *, progress: Progress | None = None, checkpoint_dir: Pat
         "tokens_per_second": round(state["tokens"] / max(1e-9, seconds), 1),
         "loss_curve": state["curve"],
         "trainable_parameters": n_train,
+        "precision": precision,
+        "bf16_parity": state.get("bf16_parity"),
     }
+
+
+def choose_precision(requested: str, fwd: Forward, batch: dict[str, Any], device: str) -> tuple[str, float | None]:
+    """The precision to train in, and the bf16/fp32 loss difference when it was measured.
+
+    `auto` takes bf16 autocast only where the hardware runs it natively (elsewhere it is emulated
+    and slower) and the first batch's bf16 loss is within BF16_PARITY_TOLERANCE of fp32's.
+    """
+    if requested != "auto":
+        return requested, None
+    if not bf16_native(device):
+        return "fp32", None
+    parity = bf16_parity(fwd, batch, device)
+    if parity > BF16_PARITY_TOLERANCE:
+        log.warning("bf16 autocast changes the first batch's loss by %.1f%% (over %.0f%%): training in fp32", 100 * parity, 100 * BF16_PARITY_TOLERANCE)
+        return "fp32", parity
+    return "bf16", parity
 
 
 class _no_interrupts:
@@ -388,4 +414,4 @@ def save_output(prep: Prepared, out: Path, metrics: dict[str, Any]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-__all__ = ["TrainResult", "fit", "prepare", "train"]
+__all__ = ["TrainResult", "choose_precision", "fit", "prepare", "train"]

@@ -73,6 +73,10 @@ def test_build_end_to_end_picks_the_trained_token(tiny_base, tiny_data, tmp_path
     assert manifest["metrics"]["loss_curve"][-1][1] < manifest["metrics"]["loss_curve"][0][1]
     assert manifest["data"]["sources"][0]["sha256"] and manifest["base_fingerprint"]
     assert not (tmp_path / "adapter" / "checkpoint").exists()
+    from finetune.model import bf16_native
+
+    # auto precision: bf16 where this CPU runs it natively (and the parity check passed), else fp32
+    assert manifest["metrics"]["precision"] == ("bf16" if bf16_native("cpu") else "fp32")
     with Engine(r.path, n_ctx=256) as engine:
         policy = build_policy(engine.refusal.categories)
         got = {}
@@ -173,6 +177,42 @@ def test_bf16_autocast_parity(tiny_base, tiny_data, tmp_path):
     l16, g16 = loss_and_grad("bf16")
     assert abs(l16 - l32) / l32 < 0.02
     assert torch.nn.functional.cosine_similarity(g16, g32, dim=0) > 0.98
+
+
+def test_cpu_flags_decide_native_bf16():
+    from finetune.model import bf16_native, cpu_flags
+
+    text = "processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\n\nprocessor\t: 1\n"
+    assert {"avx2", "avx512_bf16"} <= cpu_flags(text) and cpu_flags("processor : 0\n") == set()
+    assert bf16_native("cpu", flags={"avx512f", "avx512_bf16"}) and bf16_native("cpu", flags={"amx_bf16"})
+    assert not bf16_native("cpu", flags={"avx2", "avx512f"})  # emulated there: slower than fp32
+    assert not bf16_native("mps", flags={"avx512_bf16"})
+
+
+def test_auto_precision_checks_parity_on_the_first_batch(tiny_base, tiny_data, tmp_path):
+    """auto: bf16 only on native hardware and when the first batch's loss matches fp32; fixed choices pass through."""
+    import pytest
+
+    from finetune.encoding import collate
+    from finetune.model import BF16_PARITY_TOLERANCE, Forward, bf16_native, bf16_parity
+    from finetune.trainer import choose_precision, prepare
+
+    prep = prepare(tiny_config(tiny_base, tiny_data, tmp_path / "o"))
+    fwd = Forward(prep.model, 3.0)
+    batch = collate(prep.train[:4], 0)
+    parity = bf16_parity(fwd, batch, "cpu")
+    assert 0.0 <= parity < BF16_PARITY_TOLERANCE  # a real difference, far inside the bound
+    chosen, measured = choose_precision("auto", fwd, batch, "cpu")
+    if bf16_native("cpu"):
+        assert chosen == "bf16" and measured == pytest.approx(parity, abs=1e-3)
+    else:
+        assert (chosen, measured) == ("fp32", None)
+    assert choose_precision("fp32", fwd, batch, "cpu") == ("fp32", None)
+    assert choose_precision("bf16", fwd, batch, "cpu") == ("bf16", None)
+    with pytest.raises(ValueError, match="auto is resolved first"):
+        from finetune.model import autocast
+
+        autocast("cpu", "auto")
 
 
 def test_interrupt_saves_and_resume_finishes(tiny_base, tiny_data, tmp_path):
