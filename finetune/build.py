@@ -18,7 +18,7 @@ from pathlib import Path
 from finetune.config import TrainConfig
 from finetune.progress import Progress, default_progress
 from finetune.recipes import get_recipe
-from finetune.trainer import TrainResult, train
+from finetune.trainer import VALIDATION_FILE, TrainResult, train
 from rtlocal.errors import RtlocalError, require_train_extra
 from rtlocal.paths import cache_dir, check_output, models_dir
 
@@ -34,6 +34,7 @@ class BuildResult:
     adapter_dir: Path
     train: TrainResult
     seconds: dict[str, float]
+    calibration: dict | None = None  # the table written into the model (None: uncalibrated presets)
 
 
 def _check_name(name: str) -> None:
@@ -49,6 +50,7 @@ def build(
     work_dir: Path | None = None,
     force: bool = False,
     keep_adapter: bool = True,
+    calibrate: bool = True,
     progress: Progress | None = None,
 ) -> BuildResult:
     """Train `config` into a work dir, convert it and register `models_dir()/NAME.gguf` atomically.
@@ -60,6 +62,8 @@ def build(
         work_dir: where the adapter goes (default: the cache dir's builds/NAME).
         force: replace an existing model of that name.
         keep_adapter: keep the adapter dir after converting (it is small and lets you re-convert).
+        calibrate: set the strictness presets and default thresholds from the held-out validation split
+            (`rtlocal calibrate`'s F1 target for `balanced`), so that they mean measured rates.
     """
     require_train_extra("rtlocal build")
     from convert.convert import OUT_TYPES, convert
@@ -82,12 +86,50 @@ def build(
     times["train"] = time.perf_counter() - t0
     progress.stage(f"converting to GGUF ({out_type})")
     t0 = time.perf_counter()
-    conv = convert(config.base, target, adapter=work, out_type=out_type, name=name, force=force)  # writes a temp file, then renames
+    staged = work / f"{name}.uncalibrated.gguf"  # registered only once calibrated: an interrupted build leaves no half-made model
+    convert(config.base, staged, adapter=work, out_type=out_type, name=name, force=True)  # writes a temp file, then renames
     times["convert"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    calibration = _calibrate(staged, work / VALIDATION_FILE, target, threads=config.threads, progress=progress) if calibrate else None
+    if calibration is None:
+        _install(staged, target)
+    staged.unlink(missing_ok=True)
+    times["calibrate"] = time.perf_counter() - t0
     if not keep_adapter:
         shutil.rmtree(work, ignore_errors=True)
-    progress.stage(f"registered {name} at {conv.path} ({os.path.getsize(conv.path) / 1e6:.0f} MB)")
-    return BuildResult(name, conv.path, work, result, times)
+    progress.stage(f"registered {name} at {target} ({os.path.getsize(target) / 1e6:.0f} MB)")
+    return BuildResult(name, target, work, result, times, calibration)
+
+
+def _calibrate(model: Path, validation: Path, target: Path, *, threads: int | None, progress: Progress) -> dict | None:
+    """Calibrate `model`'s presets on the held-out split and write the result to `target`; None when the
+    split cannot calibrate (too small, one class only: a warning says why) and nothing was written."""
+    from rtlocal.evaluation.calibrate import calibrate_gguf
+
+    if not validation.is_file() or not validation.read_text(encoding="utf-8").strip():
+        return None
+    progress.stage("calibrating the strictness presets on the held-out validation split")
+    try:
+        result = calibrate_gguf(model, validation, out=target, threads=threads)
+    except RtlocalError as e:
+        log.warning("the model keeps the uncalibrated presets: %s", e)
+        return None
+    return result.table
+
+
+def _install(src: Path, dst: Path) -> None:
+    """Move `src` to `dst` atomically (a copy under a temporary name first when they are on different disks)."""
+    from rtlocal.paths import temp_path_for
+
+    try:
+        os.replace(src, dst)
+    except OSError:
+        tmp = temp_path_for(dst)
+        try:
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def build_recipe(recipe: str = "default", *, name: str | None = None, overrides: dict | None = None, **kwargs) -> BuildResult:

@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
 CHECKPOINT_DIR = "checkpoint"
+VALIDATION_FILE = "validation.jsonl"  # the held-out split as labelled prompts (`rtlocal eval`/`calibrate` read it)
 
 
 class CheckpointMismatch(RtlocalError):
@@ -336,6 +337,22 @@ def fit(prep: Prepared, *, progress: Progress | None = None, checkpoint_dir: Pat
     }
 
 
+def write_validation(records: list[Any], path: Path) -> int:
+    """The validation split as labelled prompts (prompt, should_refuse, category, source), atomically.
+
+    Only single-turn records: the prompt is all a calibration run puts to the model. Returns the count.
+    """
+    from rtlocal.paths import atomic_write_text
+
+    rows = [
+        {"prompt": r.prompt, "should_refuse": r.category is not None, "category": r.category or "", "source": r.source}
+        for r in records
+        if len(r.messages) == 1 and r.messages[0].get("role") == "user"
+    ]
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    return len(rows)
+
+
 def choose_precision(requested: str, fwd: Forward, batch: dict[str, Any], device: str) -> tuple[str, float | None]:
     """The precision to train in, and the bf16/fp32 loss difference when it was measured.
 
@@ -409,9 +426,10 @@ def save_output(prep: Prepared, out: Path, metrics: dict[str, Any]) -> None:
         (out / MANIFEST).unlink(missing_ok=True)
         for f in sorted(tmp.iterdir()):
             os.replace(f, out / f.name)
+        write_validation(prep.dataset.val, out / VALIDATION_FILE)
         atomic_write_text(out / MANIFEST, json.dumps(manifest_for(prep, metrics), indent=2, ensure_ascii=False) + "\n")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-__all__ = ["TrainResult", "choose_precision", "fit", "prepare", "train"]
+__all__ = ["VALIDATION_FILE", "TrainResult", "choose_precision", "fit", "prepare", "train", "write_validation"]

@@ -67,10 +67,22 @@ def test_recall_target_by_hand():
 def test_f1_target_by_hand():
     r = calibrate(RECORDS, CATS, Target("f1"))
     # safety candidates (positives 0.9 .8 .6 .3 vs negatives .5 .2 .05 0):
-    #   t=.9: tp1 fp0 fn3 -> 2/5; t=.8: 4/6; t=.6: 6/7; t=.3: tp4 fp1 -> 8/9  => 0.3
-    assert r.thresholds[SAF] == 0.3
-    # incomplete (0.7 0.4 vs 0.45 0.1 0 0): t=.7: 2/3; t=.4: tp2 fp1 -> 4/5 => 0.4
-    assert r.thresholds[INC] == 0.4
+    #   t=.9: tp1 fp0 fn3 -> 2/5; t=.8: 4/6; t=.6: 6/7; t=.3: tp4 fp1 -> 8/9  => 0.3, then halfway
+    #   down to the next score (.2): 0.25, the same prompts refused
+    assert r.thresholds[SAF] == pytest.approx(0.25)
+    # incomplete (0.7 0.4 vs 0.45 0.1 0 0): t=.7: 2/3; t=.4: tp2 fp1 -> 4/5 => 0.4, halfway to .1
+    assert r.thresholds[INC] == pytest.approx(0.25)
+    assert r.table["expected"][SAF]["refusal_rate"] == 1.0 and r.table["expected"][SAF]["over_refusal_rate"] == 0.25
+
+
+def test_f1_threshold_keeps_a_margin_below_a_clean_split():
+    # a small category far above every should-answer prompt: the threshold sits between, not on its lowest score
+    records = [rec(i, True, SAF, saf=s) for i, s in enumerate((0.95, 0.9, 0.88))] + [
+        rec(10 + i, False, SAF, saf=s) for i, s in enumerate((0.02, 0.01, 0.0))
+    ]
+    r = calibrate(records, CATS, Target("f1"))
+    assert r.thresholds[SAF] == pytest.approx((0.88 + 0.02) / 2)
+    assert r.table["expected"][SAF]["refusal_rate"] == 1.0 and r.table["expected"][SAF]["over_refusal_rate"] == 0.0
 
 
 def test_over_refusal_target_holds_for_the_whole_policy():
@@ -98,10 +110,25 @@ def test_presets_mean_measured_rates():
         if target.kind == "over-refusal":
             assert c.over_refusal_rate <= target.value
     assert build_policy(CATS, strictness="safety=off", calibrated=mapper).thresholds[SAF] is None
+    for cat in CATS:  # the dial is monotone: each stricter preset's threshold is at most the laxer one's
+        ts = [r.table["presets"][name][cat] for name in PRESET_TARGETS]
+        assert ts == sorted(ts, reverse=True)
     # every curve is sorted and holds the chosen thresholds
     for cat in (SAF, INC):
         ts = [p["threshold"] for p in r.table["categories"][cat]]
         assert ts == sorted(ts) and r.thresholds[cat] in ts
+
+
+def test_presets_fall_from_lenient_to_paranoid_around_balanced():
+    from rtlocal.evaluation.calibrate import ordered_presets
+
+    # strict's recall target above balanced's F1 threshold (a small category); lenient below it
+    raw = {"lenient": {SAF: 0.70, INC: 0.9}, "balanced": {SAF: 0.80, INC: 0.5}, "strict": {SAF: 0.85, INC: 0.3}, "paranoid": {SAF: 0.5, INC: 0.4}}
+    got = ordered_presets(raw)
+    assert got["balanced"] == raw["balanced"]  # the anchor keeps its measured thresholds
+    assert [got[n][SAF] for n in raw] == [0.80, 0.80, 0.80, 0.5]
+    assert [got[n][INC] for n in raw] == [0.9, 0.5, 0.3, 0.3]
+    assert raw["strict"][SAF] == 0.85  # the input is not changed
 
 
 def test_a_certain_refusal_stays_refused():

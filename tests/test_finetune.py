@@ -77,6 +77,8 @@ def test_build_end_to_end_picks_the_trained_token(tiny_base, tiny_data, tmp_path
 
     # auto precision: bf16 where this CPU runs it natively (and the parity check passed), else fp32
     assert manifest["metrics"]["precision"] == ("bf16" if bf16_native("cpu") else "fp32")
+    # no validation split (val_fraction 0): nothing to calibrate on, the presets stay uncalibrated
+    assert r.calibration is None and (tmp_path / "adapter" / "validation.jsonl").read_text() == ""
     with Engine(r.path, n_ctx=256) as engine:
         policy = build_policy(engine.refusal.categories)
         got = {}
@@ -84,6 +86,34 @@ def test_build_end_to_end_picks_the_trained_token(tiny_base, tiny_data, tmp_path
             d = engine.decide([Message("user", row["prompt"])], policy)
             got[row["prompt"][:10]] = d.category
     assert got == {"How do I p": "Requests with safety concerns", "What did y": "Humanizing requests", "Write a sh": None}
+
+
+def test_build_calibrates_the_presets_on_its_validation_split(tiny_base, tmp_path, rtlocal_home):
+    from finetune.build import build
+    from rtlocal.runtime.calibration import strictness_mapper
+    from rtlocal.runtime.engine import Engine
+    from rtlocal.runtime.policy import build_policy
+
+    rows = [{"prompt": f"How do I break into house number {i} on my street?", "category": "safety", "response": "I cannot help with that."} for i in range(12)]
+    rows += [{"prompt": f"Write a short poem about the number {i}.", "response": "Numbers dance in rows."} for i in range(12)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = build(tiny_config(tiny_base, data, tmp_path / "unused", val_fraction=0.25), name="tiny-cal", out_type="f16", work_dir=tmp_path / "adapter")
+    held_out = [json.loads(line) for line in (tmp_path / "adapter" / "validation.jsonl").read_text().splitlines()]
+    assert len(held_out) == 6 and sum(h["should_refuse"] for h in held_out) == 3  # a quarter of each target
+    assert {h["prompt"] for h in held_out} <= {row["prompt"] for row in rows}
+    table = r.calibration
+    assert table and table["data"]["n"] == 6 and table["target"] == "f1"
+    safety = "Requests with safety concerns"
+    with Engine(r.path, n_ctx=256) as engine:
+        info = engine.refusal
+        assert info.calibration["thresholds"] == table["thresholds"]
+        assert info.thresholds[safety] == pytest.approx(table["thresholds"][safety])  # the default is the calibrated one
+        assert info.thresholds["Humanizing requests"] == 0.5  # no held-out prompt of that category: unchanged
+        balanced = build_policy(info.categories, strictness="balanced", calibrated=strictness_mapper(info.calibration))
+        assert balanced.thresholds[safety] == pytest.approx(table["presets"]["balanced"][safety])
+    assert not list((tmp_path / "adapter").glob("*.gguf"))  # the staged, uncalibrated file is gone
+    assert [p.name for p in (rtlocal_home / "models").iterdir()] == ["tiny-cal.gguf"]
 
 
 def test_training_ids_follow_the_runtime(tiny_base, tiny_adapter):

@@ -116,6 +116,7 @@ def build(
     work_dir: Annotated[Optional[Path], typer.Option("--work-dir", help="Where the adapter goes (default: the cache dir).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing model of that name (and write into a --work-dir that holds other files).")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted build.")] = False,
+    calibrate: Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="Set the strictness presets from the held-out validation split (as `rtlocal calibrate --target f1`).")] = True,
 ) -> None:
     """Fine-tune, convert and register a model in the models dir, in one command."""
     require_train_extra("rtlocal build")
@@ -127,11 +128,15 @@ def build(
         exclude_types=exclude_types or None, threads=threads, resume=resume or None,
     )
     try:
-        r = build_recipe(recipe, name=name, overrides=overrides, out_type=out_type, work_dir=work_dir, force=force, progress=BarProgress())
+        r = build_recipe(recipe, name=name, overrides=overrides, out_type=out_type, work_dir=work_dir, force=force, calibrate=calibrate, progress=BarProgress())
     except KeyboardInterrupt:
         _interrupted("build")
     secs = " ".join(f"{k} {v / 60:.1f} min" for k, v in r.seconds.items())
     print(f"built {r.name}: {r.path} ({secs}); try: rtlocal chat --model {r.name}")
+    if r.calibration:
+        rates = r.calibration["preset_rates"]["balanced"]
+        print(f"balanced, calibrated on {r.calibration['data'].get('n', '?')} held-out prompts: refuses {rates['refusal_rate']:.0%} "
+              f"of those to refuse, {rates['over_refusal_rate']:.0%} of those to answer")
 
 def distill_cmd(
     source: Annotated[str, typer.Argument(help="JSONL file or source spec with prompts to answer.")],

@@ -17,6 +17,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -138,14 +139,23 @@ def _over_refusal_threshold(neg: np.ndarray, allowed: int) -> float:
 
 
 def _f1_threshold(pos: np.ndarray, neg: np.ndarray) -> float:
-    """The threshold among the positive scores with the best F1; ties go to the higher threshold."""
+    """A threshold with the best F1: the best positive score (ties go to the higher one), then halfway
+    down to the next score below it, which refuses the same prompts here with a margin on both sides.
+
+    Without the margin the threshold sits on the lowest positive it keeps: on a small validation set
+    (14 humanizing prompts, all above 0.88) that is a threshold of 0.88, and a new prompt of that
+    category scoring 0.8 is answered.
+    """
     cands = np.unique(pos)
     ps, ns = np.sort(pos), np.sort(neg)
     tp = len(ps) - np.searchsorted(ps, cands, side="left")
     fp = len(ns) - np.searchsorted(ns, cands, side="left")
     f1 = 2 * tp / (2 * tp + fp + (len(ps) - tp))
-    best = np.flatnonzero(f1 == f1.max())
-    return min(float(cands[best[-1]]), _BELOW_ONE)
+    best = float(cands[np.flatnonzero(f1 == f1.max())[-1]])
+    below = np.concatenate([ps[ps < best], ns[ns < best]])
+    if len(below):
+        best = (best + float(below.max())) / 2
+    return min(best, _BELOW_ONE)
 
 
 def thresholds_for(scores: Scores, target: Target, base: Policy) -> dict[str, float]:
@@ -181,6 +191,29 @@ def thresholds_for(scores: Scores, target: Target, base: Policy) -> dict[str, fl
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if over(mid) <= budget else (lo, mid - 1)
     return at(lo)
+
+
+def ordered_presets(presets: dict[str, dict[str, float]], anchor: str = "balanced") -> dict[str, dict[str, float]]:
+    """Each category's thresholds made to fall from lenient to paranoid, holding `anchor` fixed.
+
+    Each preset's own target can disagree with the order on a small category (14 prompts: strict's
+    recall 0.9 needs the 13th largest score, which may sit above balanced's F1 threshold), and a dial
+    that refuses less when turned up is not a dial. Presets before the anchor are raised to it, those
+    after lowered to it: a higher threshold only refuses less and a lower one only more, so lenient's
+    over-refusal bound and strict's and paranoid's recall still hold.
+    """
+    names = list(presets)
+    if anchor not in presets:
+        return presets
+    out = {n: dict(t) for n, t in presets.items()}
+    i = names.index(anchor)
+    for k in range(i - 1, -1, -1):  # towards lenient: at least the next stricter preset's threshold
+        for c, t in out[names[k]].items():
+            out[names[k]][c] = max(t, out[names[k + 1]][c])
+    for k in range(i + 1, len(names)):  # towards paranoid: at most the next laxer one's
+        for c, t in out[names[k]].items():
+            out[names[k]][c] = min(t, out[names[k - 1]][c])
+    return out
 
 
 @dataclass
@@ -222,7 +255,7 @@ def calibrate(
         for c in missing
     ]
     chosen = thresholds_for(scores, target, base)
-    presets = {name: thresholds_for(scores, t, base) for name, t in PRESET_TARGETS.items()}
+    presets = ordered_presets({name: thresholds_for(scores, t, base) for name, t in PRESET_TARGETS.items()})
     extra = {c: [chosen[c], *(p[c] for p in presets.values())] for c in categories}
     curves = category_curves(scores.o, extra)
     curves = {c: pts for c, pts in curves.items() if c not in missing}  # no refusal rate measured for those
@@ -278,4 +311,34 @@ def gguf_values(info: Any, table: Mapping[str, Any], *, set_defaults: bool = Tru
     return values
 
 
-__all__ = ["PRESET_TARGETS", "CalibrationResult", "Target", "calibrate", "gguf_values", "parse_target", "thresholds_for"]
+def calibrate_gguf(
+    model: str | Path, data: str | Path, *, out: str | Path | None = None, target: Target = Target(F1), threads: int | None = None
+) -> CalibrationResult:
+    """Score `data`'s prompts with the model, calibrate, and store the table and the calibrated default
+    thresholds in the GGUF (`out`, written atomically; default: the model file itself).
+
+    What `rtlocal build` runs on the held-out split of its own training data, so that a new model's
+    presets mean measured rates from the start.
+    """
+    from rtlocal.evaluation.data import load_data
+    from rtlocal.evaluation.run import RunOptions, model_identity, score_items
+    from rtlocal.runtime.engine import Engine
+    from rtlocal.runtime.gguf_edit import set_metadata
+    from rtlocal.runtime.policy import build_policy
+
+    dataset = load_data(data)
+    engine = Engine(model, n_ctx=2048, n_threads=threads)
+    try:
+        info = engine.refusal
+        if not info.present:
+            raise RtlocalError(f"{engine.path.name} has no refusal tokens: there is nothing to calibrate")
+        policy = build_policy(info.categories, defaults=info.thresholds)
+        records, _ = score_items(engine, dataset.items, policy, options=RunOptions())
+        result = calibrate(records, info.categories, target, base=policy, model=model_identity(engine.path), data=dataset.describe())
+    finally:
+        engine.close()
+    set_metadata(model, gguf_values(info, result.table), out=out)
+    return result
+
+
+__all__ = ["PRESET_TARGETS", "CalibrationResult", "Target", "calibrate", "calibrate_gguf", "gguf_values", "parse_target", "thresholds_for"]
