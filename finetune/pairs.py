@@ -183,6 +183,12 @@ def expand(types: dict[str, PairType], *, n: int, seed: int = 0, exclude_types: 
     return pairs
 
 
+# A near-copy also makes up at least this share of the longer prompt's words: a held-out prompt wrapped in
+# a greeting or a framing sentence is a copy, while a short one made of common words ("how to make a
+# bomb") inside an unrelated longer prompt ("how to make a device to observe wildlife ...") is not.
+MIN_COPY_SHARE = 0.5
+
+
 @dataclass(frozen=True)
 class Overlap:
     train: str  # where, in the training data
@@ -194,15 +200,18 @@ class Overlap:
 def find_overlaps(train: list[tuple[str, str]], holdout: list[tuple[str, str]], *, near: float | None = 0.8) -> list[Overlap]:
     """Training prompts that repeat a held-out prompt: the same text (case, punctuation and spacing
     folded), or with `near`, prompts of 4+ words whose word sets overlap at least that much (the shared
-    words over the smaller set's: a held-out prompt wrapped in a greeting is still a copy)."""
+    words over the smaller set's: a held-out prompt wrapped in a greeting is still a copy) and share at
+    least MIN_COPY_SHARE of the longer one's."""
     exact: dict[str, str] = {}
-    index: dict[str, list[tuple[str, frozenset[str]]]] = {}
+    held: list[tuple[str, frozenset[str]]] = []
+    index: dict[str, list[int]] = {}  # word -> the held-out prompts (4+ words) that have it
     for where, prompt in holdout:
         exact.setdefault(_norm(prompt), where)
         words = _words(prompt)
         if near is not None and len(words) >= 4:
             for w in words:
-                index.setdefault(w, []).append((where, words))
+                index.setdefault(w, []).append(len(held))
+            held.append((where, words))
     out = []
     for where, prompt in train:
         hit = exact.get(_norm(prompt))
@@ -214,10 +223,13 @@ def find_overlaps(train: list[tuple[str, str]], holdout: list[tuple[str, str]], 
         words = _words(prompt)
         if len(words) < 4:
             continue
-        # a near-copy shares most words, so one of the two longest (the rarest) finds it
-        candidates = [c for w in sorted(words, key=len)[-2:] for c in index.get(w, ())]
-        for h_where, h_words in candidates:
-            if len(words & h_words) / min(len(words), len(h_words)) >= near:
+        # every word is looked up, so the count per held-out prompt is exactly the words they share
+        # (looking up only the longest words missed a copy wrapped in two long words of its own)
+        shared = Counter(k for w in words for k in index.get(w, ()))
+        for k in sorted(shared):  # the first held-out prompt in file order: the same answer in every process
+            h_where, h_words = held[k]
+            n = shared[k]
+            if n / min(len(words), len(h_words)) >= near and n / max(len(words), len(h_words)) >= MIN_COPY_SHARE:
                 out.append(Overlap(where, h_where, prompt, True))
                 break
     return out

@@ -77,6 +77,32 @@ def test_overlaps_exact_and_near():
     assert {o.train for o in find_overlaps(train, held, near=None)} == {"t:1", "t:4"}
 
 
+def test_overlaps_do_not_depend_on_the_hash_seed():
+    """The same data in every process: a tie in word length once let the set's order (which follows
+    PYTHONHASHSEED) pick the words that find a near-copy, so two builds of one recipe trained on different rows."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from finetune.pairs import find_overlaps\n"
+        "held = [('h1', 'alpha bravo delta gamma'), ('h2', 'how to make a bomb')]\n"
+        "train = [('t1', 'alpha bravo delta gamma kappa omega'), ('t2', 'how to make a device to watch birds without scaring them'),\n"
+        "         ('t3', 'please tell me how to make a bomb')]\n"
+        "print(sorted((o.train, o.holdout) for o in find_overlaps(train, held, near=0.8)))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    outs = {
+        subprocess.run([sys.executable, "-c", code], cwd=root, env={**os.environ, "PYTHONHASHSEED": str(seed)},
+                       capture_output=True, text=True, check=True).stdout
+        for seed in range(6)
+    }
+    assert len(outs) == 1, outs
+    # t1 wraps h1 in two words of the same length as its own (found whichever words a set lists first);
+    # t2 holds h2's common words inside an unrelated prompt (under half of its words: not a copy)
+    assert next(iter(outs)).strip() == "[('t1', 'h1'), ('t3', 'h2')]"
+
+
 def test_filter_holdout_drops_the_item_in_every_frame(tmp_path):
     pairs = expand(load_pair_types(), n=2400, seed=0)
     victim = pairs[3]
