@@ -77,7 +77,7 @@ def test_build_end_to_end_picks_the_trained_token(tiny_base, tiny_data, tmp_path
 
     # auto precision: bf16 where this CPU runs it natively (and the parity check passed), else fp32
     assert manifest["metrics"]["precision"] == ("bf16" if bf16_native("cpu") else "fp32")
-    # no validation split (val_fraction 0): nothing to calibrate on, the presets stay uncalibrated
+    # uncalibrated unless asked (and here there is no validation split to calibrate on either)
     assert r.calibration is None and (tmp_path / "adapter" / "validation.jsonl").read_text() == ""
     with Engine(r.path, n_ctx=256) as engine:
         policy = build_policy(engine.refusal.categories)
@@ -98,7 +98,8 @@ def test_build_calibrates_the_presets_on_its_validation_split(tiny_base, tmp_pat
     rows += [{"prompt": f"Write a short poem about the number {i}.", "response": "Numbers dance in rows."} for i in range(12)]
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    r = build(tiny_config(tiny_base, data, tmp_path / "unused", val_fraction=0.25), name="tiny-cal", out_type="f16", work_dir=tmp_path / "adapter")
+    r = build(tiny_config(tiny_base, data, tmp_path / "unused", val_fraction=0.25), name="tiny-cal", out_type="f16",
+              work_dir=tmp_path / "adapter", calibrate=True)
     held_out = [json.loads(line) for line in (tmp_path / "adapter" / "validation.jsonl").read_text().splitlines()]
     assert len(held_out) == 6 and sum(h["should_refuse"] for h in held_out) == 3  # a quarter of each target
     assert {h["prompt"] for h in held_out} <= {row["prompt"] for row in rows}
