@@ -20,7 +20,7 @@ from finetune.progress import Progress, default_progress
 from finetune.recipes import get_recipe
 from finetune.trainer import VALIDATION_FILE, TrainResult, train
 from rtlocal.errors import RtlocalError, require_train_extra
-from rtlocal.paths import cache_dir, check_output, models_dir
+from rtlocal.paths import cache_dir, check_output, discard, models_dir, temp_path_for
 
 log = logging.getLogger(__name__)
 
@@ -88,15 +88,17 @@ def build(
     times["train"] = time.perf_counter() - t0
     progress.stage(f"converting to GGUF ({out_type})")
     t0 = time.perf_counter()
-    staged = work / f"{name}.uncalibrated.gguf"  # registered only once calibrated: an interrupted build leaves no half-made model
-    convert(config.base, staged, adapter=work, out_type=out_type, name=name, force=True)  # writes a temp file, then renames
-    times["convert"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    calibration = _calibrate(staged, work / VALIDATION_FILE, target, threads=config.threads, progress=progress) if calibrate else None
-    if calibration is None:
-        _install(staged, target)
-    staged.unlink(missing_ok=True)
-    times["calibrate"] = time.perf_counter() - t0
+    staged = temp_path_for(target)  # beside the model, registered by one rename once complete (and calibrated)
+    try:
+        convert(config.base, staged, adapter=work, out_type=out_type, name=name, force=True)
+        times["convert"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        calibration = _calibrate(staged, work / VALIDATION_FILE, target, threads=config.threads, progress=progress) if calibrate else None
+        if calibration is None:
+            os.replace(staged, target)
+        times["calibrate"] = time.perf_counter() - t0
+    finally:
+        discard(staged)
     if not keep_adapter:
         shutil.rmtree(work, ignore_errors=True)
     progress.stage(f"registered {name} at {target} ({os.path.getsize(target) / 1e6:.0f} MB)")
@@ -108,7 +110,7 @@ def _calibrate(model: Path, validation: Path, target: Path, *, threads: int | No
     split cannot calibrate (too small, one class only: a warning says why) and nothing was written."""
     from rtlocal.evaluation.calibrate import calibrate_gguf
 
-    if not validation.is_file() or not validation.read_text(encoding="utf-8").strip():
+    if not validation.is_file() or validation.stat().st_size == 0:  # no held-out split (val_fraction 0)
         return None
     progress.stage("calibrating the strictness presets on the held-out validation split")
     try:
@@ -117,21 +119,6 @@ def _calibrate(model: Path, validation: Path, target: Path, *, threads: int | No
         log.warning("the model keeps the uncalibrated presets: %s", e)
         return None
     return result.table
-
-
-def _install(src: Path, dst: Path) -> None:
-    """Move `src` to `dst` atomically (a copy under a temporary name first when they are on different disks)."""
-    from rtlocal.paths import temp_path_for
-
-    try:
-        os.replace(src, dst)
-    except OSError:
-        tmp = temp_path_for(dst)
-        try:
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dst)
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 def build_recipe(recipe: str = "default", *, name: str | None = None, overrides: dict | None = None, **kwargs) -> BuildResult:

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from rtlocal.cli.flags import CalibOpt, CtxOpt, ForceOpt, GpuOpt, StrictOpt, SystemOpt, ThreadsOpt, ThresholdOpt
-from rtlocal.errors import RtlocalError, UsageError
+from rtlocal.errors import UsageError
 from rtlocal.runtime.options import calibration_profile, check_usage, open_engine, policy_from_flags
 
 
@@ -144,7 +144,7 @@ def calibrate_cmd(
 ) -> None:
     """Pick per-category thresholds for a measured target; save the calibration table (profile, optionally the GGUF)."""
     from rtlocal.evaluation import run as evaluate
-    from rtlocal.evaluation.calibrate import calibrate, gguf_values, parse_target
+    from rtlocal.evaluation.calibrate import calibrate_model, gguf_values, parse_target, refusal_info
     from rtlocal.evaluation.data import load_data
     from rtlocal.paths import CALIBRATION_PROFILE, GGUF_FILE, check_output
     from rtlocal.runtime.calibration import save_profile
@@ -165,23 +165,18 @@ def calibrate_cmd(
     dataset = load_data(data, split=split, limit=limit, default_split="train")
     engine = open_engine(model, threads, ctx, n_gpu_layers)
     try:
-        info = engine.refusal
-        if not info.present:
-            raise RtlocalError(f"{engine.path.name} has no refusal tokens: there is nothing to calibrate")
+        info = refusal_info(engine)
         policy = policy_from_flags(engine, None, None, None, "threshold")
         print(f"calibrate: {engine.path.name} on {len(dataset.items)} prompts ({', '.join(dataset.splits)}), target {goal}", file=sys.stderr)
         bar = _ProgressBar("scoring")
         try:
-            records, _ = evaluate.score_items(
-                engine, dataset.items, policy, options=evaluate.RunOptions(system=system), out_dir=cache, restart=restart, progress=bar
+            result = calibrate_model(
+                engine, dataset, goal, policy=policy, options=evaluate.RunOptions(system=system), cache=cache, restart=restart,
+                progress=bar, data={"limit": limit},
             )
         finally:
             bar.close()
         model_path = engine.path
-        result = calibrate(
-            records, info.categories, goal, base=policy,
-            model=evaluate.model_identity(model_path), data={**dataset.describe(), "limit": limit},
-        )
     finally:
         engine.close()
     profile_path = save_profile(profile_path, result.table)

@@ -311,34 +311,63 @@ def gguf_values(info: Any, table: Mapping[str, Any], *, set_defaults: bool = Tru
     return values
 
 
+def refusal_info(engine: Any) -> Any:
+    """The engine's refusal metadata; an error for a model without refusal tokens (nothing to calibrate)."""
+    info = engine.refusal
+    if not info.present:
+        raise RtlocalError(f"{engine.path.name} has no refusal tokens: there is nothing to calibrate")
+    return info
+
+
+def calibrate_model(
+    engine: Any,
+    dataset: Any,
+    target: Target,
+    *,
+    policy: Policy | None = None,
+    options: Any = None,
+    cache: Path | None = None,
+    restart: bool = False,
+    progress: Any = None,
+    data: Mapping[str, Any] | None = None,
+) -> CalibrationResult:
+    """Score `dataset`'s prompts with an open engine (resumably in `cache`) and calibrate for `target`.
+
+    `policy` is the base the calibrated thresholds extend (default: the model's own defaults); `data`
+    adds to the dataset's description in the table. What `rtlocal calibrate` and `calibrate_gguf` share.
+    """
+    from rtlocal.evaluation.run import RunOptions, model_identity, score_items
+    from rtlocal.runtime.policy import build_policy
+
+    info = refusal_info(engine)
+    policy = policy or build_policy(info.categories, defaults=info.thresholds)
+    records, _ = score_items(engine, dataset.items, policy, options=options or RunOptions(), out_dir=cache, restart=restart, progress=progress)
+    return calibrate(
+        records, info.categories, target, base=policy, model=model_identity(engine.path), data={**dataset.describe(), **(data or {})}
+    )
+
+
 def calibrate_gguf(
     model: str | Path, data: str | Path, *, out: str | Path | None = None, target: Target = Target(F1), threads: int | None = None
 ) -> CalibrationResult:
     """Score `data`'s prompts with the model, calibrate, and store the table and the calibrated default
     thresholds in the GGUF (`out`, written atomically; default: the model file itself).
 
-    What `rtlocal build` runs on the held-out split of its own training data, so that a new model's
-    presets mean measured rates from the start.
+    What `rtlocal build --calibrate` runs on the held-out split of its own training data.
     """
     from rtlocal.evaluation.data import load_data
-    from rtlocal.evaluation.run import RunOptions, model_identity, score_items
     from rtlocal.runtime.engine import Engine
     from rtlocal.runtime.gguf_edit import set_metadata
-    from rtlocal.runtime.policy import build_policy
 
     dataset = load_data(data)
     engine = Engine(model, n_ctx=2048, n_threads=threads)
     try:
         info = engine.refusal
-        if not info.present:
-            raise RtlocalError(f"{engine.path.name} has no refusal tokens: there is nothing to calibrate")
-        policy = build_policy(info.categories, defaults=info.thresholds)
-        records, _ = score_items(engine, dataset.items, policy, options=RunOptions())
-        result = calibrate(records, info.categories, target, base=policy, model=model_identity(engine.path), data=dataset.describe())
+        result = calibrate_model(engine, dataset, target)
     finally:
         engine.close()
     set_metadata(model, gguf_values(info, result.table), out=out)
     return result
 
 
-__all__ = ["PRESET_TARGETS", "CalibrationResult", "Target", "calibrate", "calibrate_gguf", "gguf_values", "parse_target", "thresholds_for"]
+__all__ = ["PRESET_TARGETS", "CalibrationResult", "Target", "calibrate", "calibrate_gguf", "calibrate_model", "gguf_values", "parse_target", "refusal_info", "thresholds_for"]
