@@ -13,7 +13,7 @@ from typing import Any
 
 from finetune.data import DataConfig
 from rtlocal.constants import TokenMode
-from rtlocal.errors import RtlocalError
+from rtlocal.errors import RtlocalError, UsageError
 
 TOKEN_INITS = ("words", "mean")
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -77,7 +77,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, what: str) -> None:
             if not ok:
-                raise RtlocalError(f"{name} {what}, got {getattr(self, name)!r}")
+                raise UsageError(f"{name} {what}, got {getattr(self, name)!r}")
 
         need(self.mode in {m.value for m in TokenMode}, "mode", "must be categorical, single or custom")
         need(0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)")

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from finetune.config import TrainConfig
-from rtlocal.errors import RtlocalError
+from rtlocal.errors import RtlocalError, UsageError
 from rtlocal.runtime.models import DEFAULT_MODEL_NAME
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -147,6 +147,6 @@ RECIPES = {
 def get_recipe(name: str, *, base: str | None = None) -> Recipe:
     """A recipe by name; `base` replaces its base model (the default one is only looked up when needed)."""
     if name not in RECIPES:
-        raise RtlocalError(f"unknown recipe {name!r} (known: {', '.join(RECIPES)})")
+        raise UsageError(f"unknown recipe {name!r} (known: {', '.join(RECIPES)})")
     help_text, model_name, make = RECIPES[name]
     return Recipe(name, model_name, make(base), help_text)

@@ -324,10 +324,13 @@ def test_cli_bad_inputs(tiny_base, tiny_data, tmp_path, capsys):
     assert rc == 1 and line.startswith(f"Error: cannot write to {blocker / 'out'}")
 
     rc, line = run_cli(capsys, "finetune", str(tiny_base), "--data", str(tiny_data), "--out", str(tmp_path / "o"), "--epochs", "0")
-    assert rc == 1 and line == "Error: epochs must be > 0, got 0.0"
+    assert rc == 2 and line == "Error: epochs must be > 0, got 0.0"
+
+    rc, line = run_cli(capsys, "build", "--precision", "half", "--name", "never-built")
+    assert rc == 2 and line == "Error: precision must be one of auto, fp32, bf16, got 'half'"
 
     rc, line = run_cli(capsys, "build", "--recipe", "nope")
-    assert rc == 1 and line == "Error: unknown recipe 'nope' (known: default, builtin-only, benchmark)"
+    assert rc == 2 and line == "Error: unknown recipe 'nope' (known: default, builtin-only, benchmark)"
 
 
 def test_cli_finetune_runs(tiny_base, tiny_data, tmp_path, capsys):
