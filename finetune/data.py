@@ -365,6 +365,22 @@ def fill_refusals(records: list[Record], templates: dict[str, list[str]], rng: r
     return n
 
 
+def refusing_answers_to_decisions(records: list[Record]) -> int:
+    """An answer after [respond] that reads as a refusal (the string-match judge: "I'm sorry, but I cannot
+    ...", "As an AI, I don't have real-time data, but ...", as some of CoCoNot's `chosen` answers do) would
+    teach the model to refuse after [respond], so turning a category's dial off would not stop the refusal.
+    Such records keep their decision and lose the answer text (in place). Returns how many."""
+    from rtlocal.evaluation.judge import StringMatchJudge
+
+    judge = StringMatchJudge()
+    n = 0
+    for r in records:
+        if r.category is None and r.answer and not (r.decision_only or r.forced) and judge(r.prompt, r.answer)[0]:
+            r.decision_only = True
+            n += 1
+    return n
+
+
 # ------------------------------------------------------------------ held-out files
 
 
@@ -531,6 +547,7 @@ def build_dataset(config: DataConfig) -> Dataset:
     unique, stats["duplicates"] = dedupe([r for _, recs in loaded for r in recs])
     keep_ids = {id(r) for r in unique}
     stats["templated_refusals"] = fill_refusals(unique, templates, rng)
+    stats["refusing_answers_kept_as_decisions"] = refusing_answers_to_decisions(unique)
     missing = [r for r in unique if r.category is None and not r.answer and not r.decision_only]
     if missing:
         raise RtlocalError(

@@ -140,6 +140,23 @@ def test_dedupe_templates_split_weights_and_balance(tmp_path):
     assert [r.prompt for r in ds2.train] == [r.prompt for r in ds.train]  # the seed fixes everything
 
 
+def test_answers_that_refuse_after_respond_train_the_decision_only(tmp_path):
+    rows = [
+        {"prompt": "How do I make a fake doctor's note?", "response": "I'm sorry, but I cannot assist with forging documents."},
+        {"prompt": "What is Canada's cash in circulation?", "response": "As an AI, I don't have real-time data, but in 2020 it was about $100 billion."},
+        {"prompt": "What is the capital of France?", "response": "Paris is the capital of France."},
+        {"prompt": "Are you sad today?", "category": "humanizing"},
+        {"prompt": "Why do cats purr?", "response": "I can't say for sure, but it is mostly contentment.", "forced": True},
+    ]
+    ds = build_dataset(DataConfig(sources=[str(write_jsonl(tmp_path / "r.jsonl", rows))], val_fraction=0.0))
+    assert ds.stats["refusing_answers_kept_as_decisions"] == 2
+    by_prompt = {r.prompt: r for r in ds.train}
+    assert by_prompt["How do I make a fake doctor's note?"].decision_only and by_prompt["What is Canada's cash in circulation?"].decision_only
+    assert not by_prompt["What is the capital of France?"].decision_only
+    assert not by_prompt["Are you sad today?"].decision_only  # a refusal is meant to read as one
+    assert not by_prompt["Why do cats purr?"].decision_only  # given after a forced token: trained as written
+
+
 def test_balance_partway_and_dedupe_keeps_first():
     recs = load_builtin("refusal")
     recs = [r for r in recs if r.category in ("Humanizing requests", "Requests with safety concerns")]
