@@ -62,10 +62,10 @@ def build(
         work_dir: where the adapter goes (default: the cache dir's builds/NAME).
         force: replace an existing model of that name.
         keep_adapter: keep the adapter dir after converting (it is small and lets you re-convert).
-        calibrate: set the strictness presets and default thresholds from the held-out validation split
-            (`rtlocal calibrate`'s F1 target for `balanced`). Off by default: that split (5% of the
-            training mix, mostly templated pairs) moved `balanced` to 20% over-refusal on CoCoNot's
-            look-alikes in one build and 8% in another (bench/RESULTS.md); τ 0.5 held steadier.
+        calibrate: set the strictness presets and the default thresholds (= `balanced`: at most 5% of
+            the split's should-answer prompts refused) from the held-out validation split. A build's
+            refusal probabilities shift from one build to the next (at τ 0.5 CoCoNot's look-alikes were
+            over-refused 0.5-8% by builds of one recipe), a measured target does not (bench/RESULTS.md).
     """
     require_train_extra("rtlocal build")
     from convert.convert import OUT_TYPES, convert
@@ -121,11 +121,14 @@ def _calibrate(model: Path, validation: Path, target: Path, *, threads: int | No
     return result.table
 
 
-def build_recipe(recipe: str = "default", *, name: str | None = None, overrides: dict | None = None, **kwargs) -> BuildResult:
-    """Build a named recipe (see finetune.recipes), with optional TrainConfig overrides."""
+def build_recipe(
+    recipe: str = "default", *, name: str | None = None, overrides: dict | None = None, calibrate: bool | None = None, **kwargs
+) -> BuildResult:
+    """Build a named recipe (see finetune.recipes), with optional TrainConfig overrides; `calibrate`
+    None: as the recipe says."""
     r = get_recipe(recipe)
     config = replace(r.config, **(overrides or {})) if overrides else r.config
-    return build(config, name=name or r.model_name, **kwargs)
+    return build(config, name=name or r.model_name, calibrate=r.calibrate if calibrate is None else calibrate, **kwargs)
 
 
 def build_default(*, progress: Progress | None = None) -> BuildResult:

@@ -38,6 +38,7 @@ class Recipe:
     model_name: str  # registered as models_dir()/model_name.gguf
     config: TrainConfig
     help: str
+    calibrate: bool = False  # set `balanced` and the default thresholds on the build's held-out split
 
 
 def smollm2_gguf() -> Path:
@@ -85,13 +86,15 @@ def _builtin_only_config(base: str | None = None) -> TrainConfig:
 
 
 def _default_config(base: str | None = None) -> TrainConfig:
-    # 1.2 passes over a weighted sample: each source's weight sets its share of the ~2,700 examples, and
+    # 1.2 passes over a weighted sample: each source's weight sets its share of the ~2,800 examples, and
     # bf16 autocast (precision auto, where the CPU has it) pays for the extra 0.2 of a pass within the
     # 20 minutes on 2 CPU cores (bench/RESULTS.md). The decision token's loss weight (20) and the token
-    # rows' learning rate (1e-2) are the GPU sweep's best; on the CPU they sharpen the decision so that
-    # `balanced` (0.5) refuses most of what should be refused. The pairs' answered sides train the
-    # decision only; answers after [respond] come from CoCoNot's `chosen`, the built-in look-alikes and
-    # tasks, self-instruct, and the forced answers to non-safety refusal prompts.
+    # rows' learning rate (1e-2) are the GPU sweep's best. AdvBench at 0.4 (was 0.2): with the
+    # false-premise pairs in, fewer safety pairs left HarmBench at 83% refused. The build then sets
+    # `balanced` on its held-out split (CALIBRATED): at τ 0.5 builds of one recipe over-refused CoCoNot's
+    # look-alikes anywhere from 0.5% to 8%. The pairs' answered sides train the decision only; answers
+    # after [respond] come from CoCoNot's `chosen`, the built-in look-alikes and tasks, self-instruct, and
+    # the forced answers to non-safety refusal prompts (those that read as refusals: decision only).
     return replace(
         _builtin_only_config(base),
         data=[
@@ -100,7 +103,7 @@ def _default_config(base: str | None = None) -> TrainConfig:
             f"jsonl:{BUILTIN / 'forced.jsonl'}",
             f"coconot-refusal:{THIRDPARTY / 'coconot' / 'refusal_train.jsonl'}",
             f"coconot-contrast:{THIRDPARTY / 'coconot' / 'contrast_train.jsonl'}*0.8",
-            f"harmful:{THIRDPARTY / 'harmful' / 'advbench_behaviors.csv'}*0.2",
+            f"harmful:{THIRDPARTY / 'harmful' / 'advbench_behaviors.csv'}*0.4",
             f"self-instruct:{THIRDPARTY / 'self-instruct' / 'self_instruct_seed_tasks.jsonl'}*0.25",
         ],
         holdout_near=0.8,  # near-copies of a validation or test prompt are left out, not only exact repeats
@@ -137,6 +140,8 @@ def _benchmark_config(base: str | None = None) -> TrainConfig:
     )
 
 
+CALIBRATED = {"default"}  # the others are kept as built and measured before build-time calibration
+
 RECIPES = {
     "default": ("the offline default: SmolLM2-135M on all bundled data (own contrast pairs, CoCoNot train, AdvBench, self-instruct)", DEFAULT_MODEL_NAME, _default_config),
     "builtin-only": ("the previous default: SmolLM2-135M on rtlocal's first built-in data only", "smollm2-135m-rt-builtin", _builtin_only_config),
@@ -149,4 +154,4 @@ def get_recipe(name: str, *, base: str | None = None) -> Recipe:
     if name not in RECIPES:
         raise UsageError(f"unknown recipe {name!r} (known: {', '.join(RECIPES)})")
     help_text, model_name, make = RECIPES[name]
-    return Recipe(name, model_name, make(base), help_text)
+    return Recipe(name, model_name, make(base), help_text, calibrate=name in CALIBRATED)

@@ -95,6 +95,8 @@ def test_over_refusal_target_holds_for_the_whole_policy():
     assert r.table["combined"]["over_refusal_rate"] == 0.25
     zero = calibrate(RECORDS, CATS, Target("over-refusal", 0.0))
     assert zero.table["combined"]["over_refusal_rate"] == 0.0
+    # a category with no should-refuse prompt here keeps its threshold, as under the other targets
+    assert r.thresholds[HUM] == r.thresholds[UNS] == 0.5 == zero.thresholds[HUM]
 
 
 def test_presets_mean_measured_rates():

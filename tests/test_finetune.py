@@ -104,7 +104,7 @@ def test_build_calibrates_the_presets_on_its_validation_split(tiny_base, tmp_pat
     assert len(held_out) == 6 and sum(h["should_refuse"] for h in held_out) == 3  # a quarter of each target
     assert {h["prompt"] for h in held_out} <= {row["prompt"] for row in rows}
     table = r.calibration
-    assert table and table["data"]["n"] == 6 and table["target"] == "f1"
+    assert table and table["data"]["n"] == 6 and table["target"] == "over-refusal=0.05"  # balanced's target
     safety = "Requests with safety concerns"
     with Engine(r.path, n_ctx=256) as engine:
         info = engine.refusal
@@ -112,9 +112,16 @@ def test_build_calibrates_the_presets_on_its_validation_split(tiny_base, tmp_pat
         assert info.thresholds[safety] == pytest.approx(table["thresholds"][safety])  # the default is the calibrated one
         assert info.thresholds["Humanizing requests"] == 0.5  # no held-out prompt of that category: unchanged
         balanced = build_policy(info.categories, strictness="balanced", calibrated=strictness_mapper(info.calibration))
-        assert balanced.thresholds[safety] == pytest.approx(table["presets"]["balanced"][safety])
+        assert balanced.thresholds[safety] == pytest.approx(table["presets"]["balanced"][safety]) == pytest.approx(info.thresholds[safety])
     assert not list((tmp_path / "adapter").glob("*.gguf"))  # the staged, uncalibrated file is gone
     assert [p.name for p in (rtlocal_home / "models").iterdir()] == ["tiny-cal.gguf"]
+
+
+def test_only_the_default_recipe_calibrates_its_build():
+    """`make chat`'s model gets `balanced` from its held-out split; the comparison recipes stay as measured."""
+    from finetune.recipes import RECIPES, get_recipe
+
+    assert {n for n in RECIPES if get_recipe(n, base="unused").calibrate} == {"default"}
 
 
 def test_training_ids_follow_the_runtime(tiny_base, tiny_adapter):

@@ -128,7 +128,7 @@ def calibrate_cmd(
     model: ModelArg,
     data: DataOpt,
     split: Annotated[Optional[str], typer.Option("--split", help="CoCoNot split(s) to calibrate on (default: train; never calibrate on the test split you report).")] = None,
-    target: Annotated[str, typer.Option("--target", help="recall=R (per category), over-refusal=O (whole policy) or f1 (per category).")] = "f1",
+    target: Annotated[Optional[str], typer.Option("--target", help="recall=R (per category), over-refusal=O (whole policy) or f1 (per category). Default: the balanced preset's (over-refusal=0.05).")] = None,
     profile: Annotated[Optional[Path], typer.Option("--profile", help="Where to write the calibration profile (default: MODEL.calibration.json here).")] = None,
     write_gguf: Annotated[bool, typer.Option("--write-gguf", help="Also store the table (and the calibrated default thresholds) in the model file, rewritten atomically.")] = False,
     gguf_out: Annotated[Optional[Path], typer.Option("--gguf-out", help="Write a calibrated copy of the model here instead of rewriting it.")] = None,
@@ -144,14 +144,14 @@ def calibrate_cmd(
 ) -> None:
     """Pick per-category thresholds for a measured target; save the calibration table (profile, optionally the GGUF)."""
     from rtlocal.evaluation import run as evaluate
-    from rtlocal.evaluation.calibrate import calibrate_model, gguf_values, parse_target, refusal_info
+    from rtlocal.evaluation.calibrate import PRESET_TARGETS, calibrate_model, gguf_values, parse_target, refusal_info
     from rtlocal.evaluation.data import load_data
     from rtlocal.paths import CALIBRATION_PROFILE, GGUF_FILE, check_output
     from rtlocal.runtime.calibration import save_profile
     from rtlocal.runtime.gguf_edit import set_metadata
     from rtlocal.runtime.models import load_settings, resolve_model
 
-    goal = parse_target(target)
+    goal = parse_target(target) if target is not None else PRESET_TARGETS["balanced"]
     # every destination is checked before any prompt is scored
     model_file = resolve_model(model, load_settings())
     profile_path = check_output(

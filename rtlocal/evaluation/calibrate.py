@@ -58,7 +58,9 @@ class Target:
 # What each strictness preset means once a model is calibrated ('off' needs no calibration).
 PRESET_TARGETS: dict[str, Target] = {
     "lenient": Target(OVER_REFUSAL, 0.01),  # refuse only when sure: at most 1% of should-answer prompts refused
-    "balanced": Target(F1),  # the best trade-off between missed refusals and over-refusals
+    # at most 5% of should-answer prompts refused. Not F1: calibrated on a build's own held-out split, the
+    # F1 point refused 8-20% of CoCoNot's look-alikes; this target held 5-8% on two builds (bench/RESULTS.md)
+    "balanced": Target(OVER_REFUSAL, 0.05),
     "strict": Target(RECALL, 0.90),  # at least 90% of each category's should-refuse prompts refused
     "paranoid": Target(RECALL, 0.98),  # at least 98%
 }
@@ -179,7 +181,9 @@ def thresholds_for(scores: Scores, target: Target, base: Policy) -> dict[str, fl
     budget = target.value
 
     def at(a: int) -> dict[str, float]:
-        return {c: _over_refusal_threshold(scores.negatives(k), a) for k, c in enumerate(cats)}
+        # as above, a category without should-refuse prompts keeps its threshold: with no refusal to
+        # weigh, the over-refusal allowance alone would set it just above the noise of its negatives
+        return {c: _over_refusal_threshold(scores.negatives(k), a) if len(scores.positives(k)) else base.threshold(c) for k, c in enumerate(cats)}
 
     def over(a: int) -> float:
         return float(refused_under(benign, with_thresholds(base, at(a))).mean())
@@ -348,12 +352,13 @@ def calibrate_model(
 
 
 def calibrate_gguf(
-    model: str | Path, data: str | Path, *, out: str | Path | None = None, target: Target = Target(F1), threads: int | None = None
+    model: str | Path, data: str | Path, *, out: str | Path | None = None, target: Target | None = None, threads: int | None = None
 ) -> CalibrationResult:
     """Score `data`'s prompts with the model, calibrate, and store the table and the calibrated default
-    thresholds in the GGUF (`out`, written atomically; default: the model file itself).
+    thresholds in the GGUF (`out`, written atomically; default: the model file itself). The default
+    target is `balanced`'s, so the model's default thresholds are its `balanced` preset.
 
-    What `rtlocal build --calibrate` runs on the held-out split of its own training data.
+    What `rtlocal build` runs on the held-out split of its own training data (the default recipe).
     """
     from rtlocal.evaluation.data import load_data
     from rtlocal.runtime.engine import Engine
@@ -363,7 +368,7 @@ def calibrate_gguf(
     engine = Engine(model, n_ctx=2048, n_threads=threads)
     try:
         info = engine.refusal
-        result = calibrate_model(engine, dataset, target)
+        result = calibrate_model(engine, dataset, target or PRESET_TARGETS["balanced"])
     finally:
         engine.close()
     set_metadata(model, gguf_values(info, result.table), out=out)
