@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -62,10 +63,16 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+_TEMP_SERIAL = itertools.count()
+
+
 def temp_path_for(path: Path) -> Path:
-    """A sibling temporary path for a file that is written in several steps and then renamed."""
+    """A sibling temporary path for a file that is written in several steps and then renamed; a new one
+    on every call, so that two steps of one process never share it (a build stages its model at a
+    temporary path and the calibration then writes the final file through one of its own: with one name
+    per process, the writer truncated the staged file it was still reading)."""
     path = Path(path)
-    return path.with_name(f".{path.name}.partial-{os.getpid()}")
+    return path.with_name(f".{path.name}.partial-{os.getpid()}-{next(_TEMP_SERIAL)}")
 
 
 def discard(path: Path) -> None:

@@ -115,6 +115,18 @@ def test_build_calibrates_the_presets_on_its_validation_split(tiny_base, tmp_pat
         assert balanced.thresholds[safety] == pytest.approx(table["presets"]["balanced"][safety]) == pytest.approx(info.thresholds[safety])
     assert not list((tmp_path / "adapter").glob("*.gguf"))  # the staged, uncalibrated file is gone
     assert [p.name for p in (rtlocal_home / "models").iterdir()] == ["tiny-cal.gguf"]
+    # the registered model is the trained one with a new table, not only a table: the same scores as a
+    # model converted again from the adapter (the calibration once truncated the file it was copying)
+    from convert.convert import convert
+    from rtlocal.runtime.prompts import Message
+
+    again = convert(str(tiny_base), tmp_path / "again.gguf", adapter=tmp_path / "adapter", out_type="f16", name="tiny-cal")
+    prompts = [[Message("user", row["prompt"])] for row in rows[::6]]
+    with Engine(r.path, n_ctx=256) as a, Engine(again.path, n_ctx=256) as b:
+        for msgs in prompts:
+            pa, pb = a.decide(msgs, build_policy(a.refusal.categories)), b.decide(msgs, build_policy(b.refusal.categories))
+            assert all(abs(pa.probs[c] - pb.probs[c]) < 1e-3 for c in pb.probs)
+            assert abs(pa.p_respond - pb.p_respond) < 1e-3
 
 
 def test_only_the_default_recipe_calibrates_its_build():
