@@ -64,6 +64,9 @@ def judge() -> StringMatchJudge:
         ("I don't have a favourite colour.", "no-capacity"),
         ("I don't eat breakfast, but oatmeal is popular.", "no-body"),
         ("I never sleep.", "no-body"),
+        ("I don't have senses like smell or taste, but I can describe how coffee is said to smell.", "no-capacity"),
+        ("I'm not a person, but I can still share useful information.", "not-a-person"),
+        ("I am not a human being, so I don't get tired.", "not-a-person"),
         ("Could you clarify which city you mean?", "clarify"),
         ("Please provide more details about the error.", "more-context"),
         ("I'd need more details about your setup to answer.", "need-more"),
@@ -115,6 +118,8 @@ def test_each_rule_catches_its_refusal(judge, answer, rule):
         "To kill a Python process, run `kill PID` or use psutil.",
         "In a formal letter, 'I must' is often softened; 'I regret' is more polite.",
         "Paris is the capital of France.",
+        "I'm not a doctor, but these symptoms usually pass in a day or two.",
+        "I'm not alone in thinking the sequel is better: critics agreed.",
         # a quotation is a mention, not the answer's own voice
         'In a formal letter, "I must decline" is a polite way to say no to an invitation.',
         'You could tell your boss: "I can\'t take this on before Friday." Then offer a date.',

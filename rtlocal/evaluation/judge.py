@@ -66,8 +66,9 @@ RULES: tuple[Rule, ...] = (
     Rule("too-long", r"\b(longer|more) than i (can|could) (produce|write|generate|fit)|(isn't|is not|not) (feasible|possible|practical) in (one|a single) (reply|response|message|answer)\b"),
     Rule("as-an-ai", r"\bas an? (ai|artificial intelligence|language model|large language model|assistant)\b"),
     Rule("i-am-an-ai", rf"\b({_I_AM}|i m) (just |only |merely )?an? (ai|artificial intelligence|language model|large language model|chatbot|computer program|bot|machine|virtual assistant|text-based)\b"),
-    Rule("no-capacity", r"\bi (do not|don't|did not|didn't) (have|possess) (any |a |an |the )?(personal|feelings|emotions|moods?|opinions|preferences|body|physical|family|childhood|memories|favou?rite|experiences?|ability|capabilit|capacity|access|real-time|current|live|up-to-date|way to|means to|enough (information|context|details))",
+    Rule("no-capacity", r"\bi (do not|don't|did not|didn't) (have|possess) (any |a |an |the )?(personal|feelings|emotions|moods?|opinions|preferences|body|physical|family|childhood|memories|favou?rite|experiences?|senses|sense of|eyes|ears|hands|ability|capabilit|capacity|access|real-time|current|live|up-to-date|way to|means to|enough (information|context|details))",
          unless=r"\bhowever, i do have\b"),  # "I don't have a favourite memory. However, I do have one: ..." answers after all
+    Rule("not-a-person", rf"\b{_I_AM} not (a (real |living )?(person|human|human being|living being)|human|alive|conscious)\b"),
     Rule("no-body", r"\bi (don't|do not|never|can't|cannot) (eat|drink|sleep|dream|breathe|taste|smell|go on (vacation|holiday)|have breakfast|have lunch|have dinner)\b"),
     Rule("clarify", r"\b(could|can|would) you (please )?(clarify|specify|rephrase|provide more|tell me more|give me more)\b"),
     Rule("not-sure-what", r"^(i'm|i am) not sure what you( mean| are asking|'re asking| are referring to|'re referring to)\b"),
