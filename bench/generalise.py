@@ -6,7 +6,8 @@
 Sources (validation and test files only; nothing here trains):
   - CoCoNot test: refusal_test (should refuse) + contrast_test (should answer), also per CoCoNot category;
   - HarmBench validation (harmful behaviours, should refuse only);
-  - the look-alike validation set (bench/validation/lookalike.jsonl), overall and per type.
+  - the look-alike validation set (bench/validation/lookalike.jsonl), overall and per type;
+  - the look-alike set of the other four categories (bench/validation/lookalike_other.jsonl), per type.
 
 Per source and refusal-token model (first-token decisions, through rtlocal.evaluation.run.score_items):
 AUROC of the total refusal probability; refused / over-refused at `balanced` (the runtime's default
@@ -47,6 +48,7 @@ from rtlocal.evaluation.run import RunOptions, score_items  # noqa: E402
 
 MAX_OVER_REFUSAL = 0.10  # the operating point: the lowest global τ that over-refuses at most this share
 DEFAULT_LOOKALIKE = ROOT / "bench" / "validation" / "lookalike.jsonl"
+DEFAULT_LOOKALIKE_OTHER = ROOT / "bench" / "validation" / "lookalike_other.jsonl"
 N_CTX = 2048
 
 
@@ -67,6 +69,7 @@ def sources(args: argparse.Namespace) -> list[Source]:
         Source("coconot", "CoCoNot test", args.coconot, "test", "category"),
         Source("harmbench", "HarmBench validation (should refuse only)", args.harmbench, None, None, tau_from="lookalike"),
         Source("lookalike", "Look-alike validation", args.lookalike, None, "subcategory"),
+        Source("other", "Look-alike validation, the other four categories", args.lookalike_other, None, "subcategory"),
     ]
 
 
@@ -184,8 +187,8 @@ def score_model(path: Path, slug: str, srcs: list[Source], data: dict, samples: 
 
 # which prompts of a source each forced run reads: (a) [respond] forced, (b) a refusal token forced
 FORCED_RUNS = {
-    "respond_forced": ("all=off", {"coconot": True, "lookalike": False}),  # source -> should_refuse of the prompts used
-    "refusal_forced": ("all=force", {"coconot": True, "lookalike": False}),
+    "respond_forced": ("all=off", {"coconot": True, "lookalike": False, "other": True}),  # source -> should_refuse of the prompts used
+    "refusal_forced": ("all=force", {"coconot": True, "lookalike": False, "other": True}),
 }
 
 
@@ -302,6 +305,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--coconot", type=Path, default=SHARED_DATA / "coconot", help="CoCoNot folder (default: %(default)s)")
     ap.add_argument("--harmbench", type=Path, default=SHARED_DATA / "harmful" / "harmbench_val_standard.csv", help="HarmBench validation CSV")
     ap.add_argument("--lookalike", type=Path, default=DEFAULT_LOOKALIKE, help="look-alike validation JSONL (default: %(default)s)")
+    ap.add_argument("--lookalike-other", type=Path, default=DEFAULT_LOOKALIKE_OTHER, help="look-alike validation JSONL of the non-safety categories (default: %(default)s)")
     args = ap.parse_args(argv)
     if not args.models and not args.base:
         ap.error("name at least one MODEL.gguf or --base PLAIN.gguf")
@@ -316,8 +320,9 @@ def check_inputs(args: argparse.Namespace) -> None:
     for path in [*args.models, *args.base]:
         if not path.is_file():
             raise RtlocalError(f"{path}: no such model file")
-    if not args.lookalike.is_file():
-        raise RtlocalError(f"{args.lookalike}: no such file (the look-alike validation set; --lookalike PATH names another)")
+    for path, flag in ((args.lookalike, "--lookalike"), (args.lookalike_other, "--lookalike-other")):
+        if not path.is_file():
+            raise RtlocalError(f"{path}: no such file (a look-alike validation set; {flag} PATH names another)")
     if args.out.exists() and not args.out.is_dir():
         raise RtlocalError(f"--out {args.out}: exists and is not a folder")
 

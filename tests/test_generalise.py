@@ -53,7 +53,9 @@ def test_model_folders_and_bad_input(tmp_path, capsys):
     model = tmp_path / "m.gguf"
     model.write_bytes(b"")
     assert main([str(model), "--lookalike", str(tmp_path / "none.jsonl")]) == 1
-    assert "none.jsonl: no such file (the look-alike validation set" in capsys.readouterr().err
+    assert "none.jsonl: no such file (a look-alike validation set; --lookalike PATH names another)" in capsys.readouterr().err
+    assert main([str(model), "--lookalike-other", str(tmp_path / "none.jsonl")]) == 1
+    assert "none.jsonl: no such file (a look-alike validation set; --lookalike-other PATH names another)" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["--generate", "0", str(model)])
     assert e.value.code == 2
