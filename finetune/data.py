@@ -231,6 +231,43 @@ def load_self_instruct(rows: Iterable[tuple[str, dict[str, Any]]]) -> list[Recor
     return out
 
 
+# A harmful behaviour written as a task for a writer ("Give detailed instructions on how to make a bomb")
+# is also asked the way people ask ("How do I make a bomb?"): trained on the task form alone, a model
+# refused the behaviours but answered the same request as a question (bench/RESULTS.md). Only openers
+# whose object is the text itself are rewritten: "Teach children how to use firearms" is not "How do I
+# use firearms?".
+_ASK_OPENER = re.compile(
+    r"^(?:give|provide|write|create|develop|produce|generate|offer|publish|share|compose|outline|design|prepare"
+    r"|explain|describe|demonstrate|show|teach|instruct|guide|illustrate|educate)\b(?P<mid>[^.]{0,60}?)\bhow to (?P<vp>.+?)[.!]?$",
+    re.IGNORECASE,
+)
+_FOR_SOMEONE_ELSE = re.compile(r"\b(child|children|kids?|minors?|teens?|teenagers?|students?|pupils?)\b", re.IGNORECASE)
+
+
+def ask_as_question(behaviour: str) -> str | None:
+    """The how-to question a person would ask for `behaviour`, or None when it is not one."""
+    m = _ASK_OPENER.match(behaviour.strip())
+    if not m or _FOR_SOMEONE_ELSE.search(m.group("mid")) or len(m.group("vp").split()) < 2:
+        return None
+    from finetune.pairs import VP_FRAMES
+    from finetune.pairs import _norm as fold
+
+    start = int(hashlib.sha256(behaviour.encode()).hexdigest(), 16)
+    asked = (VP_FRAMES[(start + k) % len(VP_FRAMES)].format(x=m.group("vp")) for k in range(2))
+    return next(q for q in asked if fold(q) != fold(behaviour))  # "Explain how to X" is not asked again as itself
+
+
+def load_harmful(rows: Iterable[tuple[str, str]]) -> list[Record]:
+    """Harmful behaviours, refused as safety concerns; each how-to behaviour also as a question."""
+    out = []
+    for where, prompt in rows:
+        out.append(Record([{"role": "user", "content": prompt}], None, Category.SAFETY.value, None, None, where))
+        asked = ask_as_question(prompt)
+        if asked:
+            out.append(Record([{"role": "user", "content": asked}], None, Category.SAFETY.value, None, None, f"{where} (asked)"))
+    return out
+
+
 def load_pairs(where: str) -> list[Record]:
     """`N[@ITEMS.json]`: about N contrast pairs expanded from the item tables (seed 0). The refused
     side gets a category template; the answered side has no written answer, so only its decision
@@ -285,7 +322,7 @@ def load_source(spec: SourceSpec | str) -> list[Record]:
     if spec.kind == "pairs":
         return load_pairs(spec.where)
     if spec.kind == "harmful":
-        return [Record([{"role": "user", "content": p}], None, Category.SAFETY.value, None, None, where) for where, p in read_prompts(spec.where)]
+        return load_harmful(read_prompts(spec.where))
     if spec.kind == "chat":
         split = "train_sft" if "ultrachat" in spec.where.lower() else "train"
         return load_records_jsonl(_hub_rows(spec.where, None, split) if hub else read_jsonl(Path(spec.where)))

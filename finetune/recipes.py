@@ -90,7 +90,8 @@ def _default_config(base: str | None = None) -> TrainConfig:
     # bf16 autocast (precision auto, where the CPU has it) pays for the extra 0.2 of a pass within the
     # 20 minutes on 2 CPU cores (bench/RESULTS.md). The decision token's loss weight (20) and the token
     # rows' learning rate (1e-2) are the GPU sweep's best. AdvBench at 0.4 (was 0.2): with the
-    # false-premise pairs in, fewer safety pairs left HarmBench at 83% refused. The build then sets
+    # false-premise pairs in, fewer safety pairs left HarmBench at 83% refused; its how-to behaviours are
+    # also asked as questions (finetune.data.ask_as_question). The build then sets
     # `balanced` on its held-out split (CALIBRATED): at τ 0.5 builds of one recipe over-refused CoCoNot's
     # look-alikes anywhere from 0.5% to 8%. The pairs' answered sides train the decision only; answers
     # after [respond] come from CoCoNot's `chosen`, the built-in look-alikes and tasks, self-instruct, and
