@@ -352,7 +352,7 @@ def calibrate_model(
 
 
 def calibrate_gguf(
-    model: str | Path, data: str | Path, *, out: str | Path | None = None, target: Target | None = None, threads: int | None = None
+    model: str | Path, data: str | Path, *, out: str | Path | None = None, target: Target = PRESET_TARGETS["balanced"], threads: int | None = None
 ) -> CalibrationResult:
     """Score `data`'s prompts with the model, calibrate, and store the table and the calibrated default
     thresholds in the GGUF (`out`, written atomically; default: the model file itself). The default
@@ -368,7 +368,7 @@ def calibrate_gguf(
     engine = Engine(model, n_ctx=2048, n_threads=threads)
     try:
         info = engine.refusal
-        result = calibrate_model(engine, dataset, target or PRESET_TARGETS["balanced"])
+        result = calibrate_model(engine, dataset, target)
     finally:
         engine.close()
     set_metadata(model, gguf_values(info, result.table), out=out)
