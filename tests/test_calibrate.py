@@ -99,6 +99,32 @@ def test_over_refusal_target_holds_for_the_whole_policy():
     assert r.thresholds[HUM] == r.thresholds[UNS] == 0.5 == zero.thresholds[HUM]
 
 
+def test_over_refusal_budget_goes_where_it_buys_the_most_refusals():
+    # ten should-answer prompts, budget 20% = two of them. Safety: one look-alike (0.7) above three of its
+    # prompts (0.65 0.6 0.55), a second (0.5) above two more (0.35 0.33), the rest at 0.06 and below;
+    # incomplete: one look-alike (0.8) above one prompt (0.75). One look-alike per category (the rule
+    # before) refuses 4 + 2 of 8; the budget spent where it buys most goes twice to safety: 6 + 1.
+    records = [rec(i, True, SAF, saf=s) for i, s in enumerate((0.9, 0.65, 0.6, 0.55, 0.35, 0.33))]
+    records += [rec(10, True, INC, inc=0.75), rec(11, True, INC, inc=0.95)]
+    records += [rec(20, False, SAF, saf=0.7), rec(21, False, SAF, saf=0.5), rec(22, False, INC, inc=0.8)]
+    records += [rec(30 + i, False, SAF, saf=0.01 * i) for i in range(7)]
+    r = calibrate(records, CATS, Target("over-refusal", 0.2))
+    assert r.thresholds[SAF] == pytest.approx(np.nextafter(0.06, 1))  # just above the highest look-alike left out
+    assert r.thresholds[INC] == pytest.approx(np.nextafter(0.8, 1))  # no budget left: above its look-alike
+    assert r.table["combined"]["over_refusal_rate"] == 0.2
+    assert r.table["combined"]["refusal_rate"] == pytest.approx(7 / 8)
+
+
+def test_a_look_alike_refused_by_one_category_costs_nothing_for_another():
+    # one look-alike tops both categories (0.6 safety, 0.5 incomplete): once safety refuses it for its two
+    # prompts, incomplete's prompt below it (0.4) comes at no further cost within a budget of one
+    records = [rec(0, True, SAF, saf=0.55), rec(1, True, SAF, saf=0.52), rec(2, True, INC, inc=0.4)]
+    records += [rec(10, False, SAF, saf=0.6, inc=0.5)] + [rec(11 + i, False, INC) for i in range(4)]
+    r = calibrate(records, CATS, Target("over-refusal", 0.2))
+    assert r.table["combined"]["refusal_rate"] == 1.0 and r.table["combined"]["over_refusal_rate"] == 0.2
+    assert r.thresholds[INC] <= 0.4 and r.thresholds[SAF] <= 0.52
+
+
 def test_presets_mean_measured_rates():
     r = calibrate(RECORDS, CATS, Target("f1"))
     mapper = strictness_mapper(r.table)

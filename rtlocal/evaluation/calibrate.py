@@ -4,7 +4,8 @@ From first-token probabilities on labelled validation prompts, each category k g
 threshold -> (share of its should-refuse prompts with p_k >= t, share of should-answer prompts with
 p_k >= t). A target picks thresholds on those curves:
 - `recall=R`: per category, the largest threshold that still refuses R of its should-refuse prompts;
-- `over-refusal=O`: thresholds such that the whole policy refuses at most O of should-answer prompts;
+- `over-refusal=O`: thresholds such that the whole policy refuses at most O of should-answer prompts,
+  that budget spent where it refuses the most should-refuse prompts;
 - `f1`: per category, the threshold with the best F1 (its should-refuse prompts vs should-answer ones).
 The strictness presets are calibrated the same way (PRESET_TARGETS), so `--strictness strict` means
 a measured refusal rate, not a raw number.
@@ -59,7 +60,7 @@ class Target:
 PRESET_TARGETS: dict[str, Target] = {
     "lenient": Target(OVER_REFUSAL, 0.01),  # refuse only when sure: at most 1% of should-answer prompts refused
     # at most 5% of should-answer prompts refused. Not F1: calibrated on a build's own held-out split, the
-    # F1 point refused 8-20% of CoCoNot's look-alikes; this target held 5-8% on two builds (bench/RESULTS.md)
+    # F1 point refused 8-20% of CoCoNot's look-alikes; this target 2.6-12.9% on five builds (bench/RESULTS.md)
     "balanced": Target(OVER_REFUSAL, 0.05),
     "strict": Target(RECALL, 0.90),  # at least 90% of each category's should-refuse prompts refused
     "paranoid": Target(RECALL, 0.98),  # at least 98%
@@ -175,26 +176,72 @@ def thresholds_for(scores: Scores, target: Target, base: Policy) -> dict[str, fl
             else:
                 out[c] = _f1_threshold(pos, scores.negatives(k))
         return out
-    # over-refusal: the same per-category allowance a (in prompts) for every category, as large as
-    # the budget allows for the whole policy (its over-refusal only grows with a)
-    benign = [r for r, y in zip(scores.records, scores.o.should_refuse) if not y]
-    budget = target.value
+    # over-refusal: the whole policy's budget, spent where it buys the most refusals (`_spend_budget`);
+    # a category without should-refuse prompts keeps its threshold, as above: with no refusal to weigh,
+    # the budget alone would set it just above the noise of its negatives
+    o = scores.o
+    benign = ~o.should_refuse
+    allowed = math.floor(target.value * int(benign.sum()) + 1e-9)
+    own = [positives_for(c, cats, o.gold, o.should_refuse) for c in cats]
+    spent = _spend_budget(o.probs, benign, own, allowed)
+    return {c: spent[k] if own[k].any() else base.threshold(c) for k, c in enumerate(cats)}
 
-    def at(a: int) -> dict[str, float]:
-        # as above, a category without should-refuse prompts keeps its threshold: with no refusal to
-        # weigh, the over-refusal allowance alone would set it just above the noise of its negatives
-        return {c: _over_refusal_threshold(scores.negatives(k), a) if len(scores.positives(k)) else base.threshold(c) for k, c in enumerate(cats)}
 
-    def over(a: int) -> float:
-        return float(refused_under(benign, with_thresholds(base, at(a))).mean())
+def _spend_budget(probs: np.ndarray, benign: np.ndarray, own: Sequence[np.ndarray], allowed: int) -> list[float]:
+    """Thresholds that refuse at most `allowed` of the `benign` rows (a row is refused when any category
+    passes) and, greedily, as many of each category's `own` rows as that allows.
 
-    lo, hi = 0, math.floor(budget * len(benign) + 1e-9)
-    if over(lo) > budget:
-        return at(lo)  # cannot happen: with a = 0 no should-answer prompt passes any threshold
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if over(mid) <= budget else (lo, mid - 1)
-    return at(lo)
+    Every category starts just above its highest benign score. Each step lowers one category's
+    threshold to one of its own scores below it: the step with the most newly refused own rows per newly
+    refused benign row (a benign row another category already refuses costs nothing; a longer step at
+    the same rate wins), while the whole policy stays within `allowed`. Each threshold then sits just
+    above the highest benign score it still leaves out: as low as it goes without another refusal of a
+    should-answer prompt here.
+
+    The rule before gave every category the same allowance (k benign rows each, k as large as the
+    budget allowed): on a 360-prompt split that left half the budget unspent (five categories move one
+    step at a time) and put each threshold on about the third-highest benign score of its category, so
+    one build's safety threshold was 0.12 and another's 0.99 (bench/RESULTS.md, Round 6).
+    """
+    n_cat = probs.shape[1]
+    t = [_over_refusal_threshold(probs[benign, k], 0) for k in range(n_cat)]
+    live = [k for k in range(n_cat) if own[k].any()]
+    refused = np.zeros(len(probs), bool)
+    for k in live:
+        if t[k] < 1.0:
+            refused |= probs[:, k] >= t[k]
+    while True:
+        over = int((refused & benign).sum())
+        best: tuple[float, int, int, float] | None = None
+        for k in live:
+            p = probs[:, k]
+            steps = np.unique(p[own[k] & ~refused & (p < t[k])])  # where the next threshold may go
+            if not len(steps):
+                continue
+            cost = np.sort(p[benign & ~refused])
+            gain = np.sort(p[own[k] & ~refused])
+            costs = len(cost) - np.searchsorted(cost, steps, side="left")
+            gains = len(gain) - np.searchsorted(gain, steps, side="left")
+            ok = over + costs <= allowed
+            if not ok.any():
+                continue
+            with np.errstate(divide="ignore"):
+                rates = np.where(costs > 0, gains / np.maximum(costs, 1), np.inf)
+            for i in np.flatnonzero(ok):
+                cand = (float(rates[i]), int(gains[i]), k, float(steps[i]))
+                if best is None or cand[:2] > best[:2]:
+                    best = cand
+        if best is None:
+            break
+        _, _, k, step = best
+        t[k] = step
+        refused |= probs[:, k] >= step
+    out = []
+    for k in range(n_cat):
+        left = probs[benign, k][probs[benign, k] < t[k]]
+        low = float(np.nextafter(left.max(), np.inf)) if len(left) else 0.0
+        out.append(min(low, t[k], _BELOW_ONE) if t[k] < 1.0 else t[k])
+    return out
 
 
 def ordered_presets(presets: dict[str, dict[str, float]], anchor: str = "balanced") -> dict[str, dict[str, float]]:
