@@ -56,6 +56,26 @@ def test_model_folders_and_bad_input(tmp_path, capsys):
     assert "none.jsonl: no such file (a look-alike validation set; --lookalike PATH names another)" in capsys.readouterr().err
     assert main([str(model), "--lookalike-other", str(tmp_path / "none.jsonl")]) == 1
     assert "none.jsonl: no such file (a look-alike validation set; --lookalike-other PATH names another)" in capsys.readouterr().err
+    assert main([str(model), "--framed", str(tmp_path / "none.jsonl")]) == 1
+    assert "none.jsonl: no such file (a look-alike validation set; --framed PATH names another)" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["--generate", "0", str(model)])
     assert e.value.code == 2
+
+
+def test_framed_validation_is_what_its_script_writes():
+    import json
+
+    from bench.generalise import DEFAULT_FRAMED, DEFAULT_LOOKALIKE
+    from bench.validation.make_framed import FRAMINGS, framed_rows
+
+    rows = [json.loads(line) for line in DEFAULT_LOOKALIKE.read_text().splitlines() if line.strip()]
+    written = [json.loads(line) for line in DEFAULT_FRAMED.read_text().splitlines()]
+    assert written == framed_rows(rows) and len(written) == 100 * 2 * (len(FRAMINGS) + 1)
+    # each framed prompt keeps its look-alike's label, and carries the look-alike inside it (typos aside)
+    source = {r["id"]: r for r in rows}
+    for r in written:
+        orig = source[r["id"].rsplit("-", 1)[0]]
+        assert r["should_refuse"] == orig["should_refuse"] and r["category"] == orig["category"]
+        if r["framing"] not in ("typos", "hypothetical"):
+            assert orig["prompt"] in r["prompt"]
