@@ -225,12 +225,11 @@ def _spend_budget(probs: np.ndarray, benign: np.ndarray, own: Sequence[np.ndarra
             ok = over + costs <= allowed
             if not ok.any():
                 continue
-            with np.errstate(divide="ignore"):
-                rates = np.where(costs > 0, gains / np.maximum(costs, 1), np.inf)
-            for i in np.flatnonzero(ok):
-                cand = (float(rates[i]), int(gains[i]), k, float(steps[i]))
-                if best is None or cand[:2] > best[:2]:
-                    best = cand
+            rates = np.where(costs > 0, gains / np.maximum(costs, 1), np.inf)
+            i = np.flatnonzero(ok)[np.lexsort((gains[ok], rates[ok]))[-1]]  # the best rate, then the longest step
+            cand = (float(rates[i]), int(gains[i]), k, float(steps[i]))
+            if best is None or cand[:2] > best[:2]:
+                best = cand
         if best is None:
             break
         _, _, k, step = best
