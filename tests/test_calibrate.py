@@ -125,6 +125,17 @@ def test_a_look_alike_refused_by_one_category_costs_nothing_for_another():
     assert r.thresholds[INC] <= 0.4 and r.thresholds[SAF] <= 0.52
 
 
+def test_over_refusal_counts_what_a_category_without_prompts_refuses():
+    # humanizing has no should-refuse prompt here and keeps its 0.5, which refuses look-alike 10 already:
+    # a budget of one look-alike is spent, and safety may not take the step that costs another
+    records = [rec(0, True, SAF, saf=0.9), rec(1, True, SAF, saf=0.6)]
+    records += [rec(10, False, SAF, saf=0.1), rec(11, False, SAF, saf=0.7)] + [rec(12 + i, False, SAF) for i in range(3)]
+    records[2].probs[HUM] = 0.8
+    r = calibrate(records, CATS, Target("over-refusal", 0.2))
+    assert r.thresholds[HUM] == 0.5 and r.thresholds[SAF] == pytest.approx(np.nextafter(0.7, 1))
+    assert r.table["combined"]["over_refusal_rate"] == 0.2 and r.table["combined"]["refusal_rate"] == 0.5
+
+
 def test_presets_mean_measured_rates():
     r = calibrate(RECORDS, CATS, Target("f1"))
     mapper = strictness_mapper(r.table)

@@ -183,13 +183,15 @@ def thresholds_for(scores: Scores, target: Target, base: Policy) -> dict[str, fl
     benign = ~o.should_refuse
     allowed = math.floor(target.value * int(benign.sum()) + 1e-9)
     own = [positives_for(c, cats, o.gold, o.should_refuse) for c in cats]
-    spent = _spend_budget(o.probs, benign, own, allowed)
-    return {c: spent[k] if own[k].any() else base.threshold(c) for k, c in enumerate(cats)}
+    kept = {k: base.threshold(c) for k, c in enumerate(cats) if not own[k].any()}
+    spent = _spend_budget(o.probs, benign, own, allowed, kept)
+    return {c: kept[k] if k in kept else spent[k] for k, c in enumerate(cats)}
 
 
-def _spend_budget(probs: np.ndarray, benign: np.ndarray, own: Sequence[np.ndarray], allowed: int) -> list[float]:
+def _spend_budget(probs: np.ndarray, benign: np.ndarray, own: Sequence[np.ndarray], allowed: int, kept: Mapping[int, float | None]) -> list[float]:
     """Thresholds that refuse at most `allowed` of the `benign` rows (a row is refused when any category
-    passes) and, greedily, as many of each category's `own` rows as that allows.
+    passes, those in `kept` at their thresholds too) and, greedily, as many of each category's `own` rows
+    as that allows.
 
     Every category starts just above its highest benign score. Each step lowers one category's
     threshold to one of its own scores below it: the step with the most newly refused own rows per newly
@@ -201,15 +203,16 @@ def _spend_budget(probs: np.ndarray, benign: np.ndarray, own: Sequence[np.ndarra
     The rule before gave every category the same allowance (k benign rows each, k as large as the
     budget allowed): on a 360-prompt split that left half the budget unspent (five categories move one
     step at a time) and put each threshold on about the third-highest benign score of its category, so
-    one build's safety threshold was 0.12 and another's 0.99 (bench/RESULTS.md, Round 6).
+    one build's safety threshold was 0.12 and another's 0.99 (bench/RESULTS.md, Round 6). The thresholds
+    of categories in `kept` (no own rows to weigh) are not moved, but what they refuse counts.
     """
     n_cat = probs.shape[1]
     t = [_over_refusal_threshold(probs[benign, k], 0) for k in range(n_cat)]
     live = [k for k in range(n_cat) if own[k].any()]
     refused = np.zeros(len(probs), bool)
-    for k in live:
-        if t[k] < 1.0:
-            refused |= probs[:, k] >= t[k]
+    for k, tk in [*((k, t[k]) for k in live), *kept.items()]:
+        if tk is not None and tk < 1.0:  # as policy.passes: None and 1 never pass
+            refused |= probs[:, k] >= tk
     while True:
         over = int((refused & benign).sum())
         best: tuple[float, int, int, float] | None = None
