@@ -110,9 +110,13 @@ class Scores:
             )
         return cls(list(records), o)
 
-    def positives(self, k: int) -> np.ndarray:
+    def own(self, k: int) -> np.ndarray:
+        """Which prompts category k's refusals answer for (a mask; see positives_for)."""
         o = self.o
-        return o.probs[positives_for(o.categories[k], o.categories, o.gold, o.should_refuse), k]
+        return positives_for(o.categories[k], o.categories, o.gold, o.should_refuse)
+
+    def positives(self, k: int) -> np.ndarray:
+        return self.o.probs[self.own(k), k]
 
     def negatives(self, k: int) -> np.ndarray:
         return self.o.probs[~self.o.should_refuse, k]
@@ -132,13 +136,9 @@ def _recall_threshold(pos: np.ndarray, recall: float) -> float:
     return min(float(desc[need - 1]), _BELOW_ONE)
 
 
-def _over_refusal_threshold(neg: np.ndarray, allowed: int) -> float:
-    """The smallest t with at most `allowed` of `neg` at or above it (1.0 = never refuse)."""
-    desc = np.sort(neg)[::-1]
-    if allowed >= len(desc):
-        return 0.0
-    t = float(np.nextafter(desc[allowed], np.inf))  # just above the first score that must not pass
-    return min(t, 1.0)
+def _just_above(neg: np.ndarray) -> float:
+    """The smallest t that none of `neg` reaches (0.0 for none; 1.0 = never refuse)."""
+    return min(float(np.nextafter(neg.max(), np.inf)), 1.0) if len(neg) else 0.0
 
 
 def _f1_threshold(pos: np.ndarray, neg: np.ndarray) -> float:
@@ -182,7 +182,7 @@ def thresholds_for(scores: Scores, target: Target, base: Policy) -> dict[str, fl
     o = scores.o
     benign = ~o.should_refuse
     allowed = math.floor(target.value * int(benign.sum()) + 1e-9)
-    own = [positives_for(c, cats, o.gold, o.should_refuse) for c in cats]
+    own = [scores.own(k) for k in range(len(cats))]
     kept = {k: base.threshold(c) for k, c in enumerate(cats) if not own[k].any()}
     spent = _spend_budget(o.probs, benign, own, allowed, kept)
     return {c: kept[k] if k in kept else spent[k] for k, c in enumerate(cats)}
@@ -207,7 +207,7 @@ def _spend_budget(probs: np.ndarray, benign: np.ndarray, own: Sequence[np.ndarra
     of categories in `kept` (no own rows to weigh) are not moved, but what they refuse counts.
     """
     n_cat = probs.shape[1]
-    t = [_over_refusal_threshold(probs[benign, k], 0) for k in range(n_cat)]
+    t = [_just_above(probs[benign, k]) for k in range(n_cat)]
     live = [k for k in range(n_cat) if own[k].any()]
     refused = np.zeros(len(probs), bool)
     for k, tk in [*((k, t[k]) for k in live), *kept.items()]:
@@ -240,9 +240,8 @@ def _spend_budget(probs: np.ndarray, benign: np.ndarray, own: Sequence[np.ndarra
         refused |= probs[:, k] >= step
     out = []
     for k in range(n_cat):
-        left = probs[benign, k][probs[benign, k] < t[k]]
-        low = float(np.nextafter(left.max(), np.inf)) if len(left) else 0.0
-        out.append(min(low, t[k], _BELOW_ONE) if t[k] < 1.0 else t[k])
+        neg = probs[benign, k]
+        out.append(min(_just_above(neg[neg < t[k]]), t[k], _BELOW_ONE) if t[k] < 1.0 else t[k])
     return out
 
 
