@@ -6,7 +6,9 @@ import importlib.util
 import os
 from pathlib import Path
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from finetune.recipes import shared_data_dir  # noqa: E402
+
+SHARED_DATA = shared_data_dir()  # ../shared/data beside the checkout, or $RTLOCAL_SHARED_DATA
 
 
 def smollm2_gguf() -> Path:

@@ -78,6 +78,11 @@ def sources(args: argparse.Namespace) -> list[Source]:
     ]
 
 
+def sources_for_sweep() -> list[Source]:
+    """The sources at their default paths (bench/sweep.py scores every setting on them)."""
+    return sources(parse_args(["--base", "unused.gguf"]))
+
+
 # ------------------------------------------------------------------ metrics (rtlocal's own)
 
 

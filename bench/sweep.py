@@ -1,13 +1,16 @@
-"""Try training settings side by side and score each on CoCoNot's test files, without building GGUFs.
+"""Try training settings side by side and score each on prompts it never trained on, without building GGUFs.
 
-    python bench/sweep.py --recipe benchmark --grid '[{}, {"epochs": 3}, {"first_token_weight": 1}]' --workers 1
+    python bench/sweep.py --recipe default --grid '[{}, {"learning_rate": 2e-3}, {"seed": 1}]' --workers 4
 
 Every setting trains with finetune.trainer (prepare + fit, the same code as `rtlocal finetune`), then
 scores the first answer position with transformers: the full-vocabulary softmax of the merged-free
-PEFT model, read at each prompt's last token, and the runtime's own decision rule
-(`rtlocal.runtime.policy.decide` with the default thresholds). It is the runtime's decision up to the
-GGUF quantisation (q8_0), so it ranks settings; the reported numbers come from
-bench/score_first_token.py on the built GGUF. Several workers share one GPU (the model is small).
+PEFT model, read at each prompt's last token. As the build does, `balanced` is calibrated on the
+setting's own held-out split (rtlocal.evaluation.calibrate), and every source of bench/generalise.py
+(CoCoNot test, HarmBench validation, the look-alike validation sets) is scored as it is: AUROC,
+refused / over-refused at that `balanced`, and at the global τ that over-refuses ≤ 10%. It is the
+runtime's decision up to the GGUF quantisation (q8_0), so it ranks settings; the reported numbers
+come from bench/generalise.py on the built GGUF. Several workers share one GPU (the model is small);
+`--deadline` stops starting settings after that many seconds, so a run on a lent machine ends in time.
 """
 
 from __future__ import annotations
@@ -57,73 +60,113 @@ def first_token_scores(prep, prompts: list[str], batch_size: int = 32) -> list[t
     return out
 
 
-def score_prep(prep, test_dir: Path) -> dict:
-    from score_first_token import summarise
+def split_items(prep) -> list:
+    """The setting's held-out split as labelled prompts: what the build calibrates `balanced` on."""
+    from rtlocal.evaluation.data import EvalItem
 
-    from rtlocal.runtime.policy import build_policy, decide
+    rows = [r for r in prep.dataset.val if len(r.messages) == 1 and r.messages[0].get("role") == "user"]
+    return [EvalItem(f"split:{i}", str(i), "split", r.prompt, r.category is not None, r.category) for i, r in enumerate(rows)]
 
-    policy = build_policy(prep.categories)
-    rows = {}
-    for split in ("refusal_test", "contrast_test"):
-        items = [json.loads(line) for line in open(test_dir / f"{split}.jsonl") if line.strip()]
-        scores = first_token_scores(prep, [r["prompt"] for r in items])
-        rows[split] = []
-        for r, (probs, p_resp) in zip(items, scores):
-            d = decide(probs, p_resp, policy)
-            rows[split].append({"category": r["category"], "refused": d.refused, "chosen": d.category, "probs": probs, "p_respond": p_resp})
-    return summarise(rows)
+
+def score_prep(prep, data: dict[str, list]) -> dict:
+    """Calibrate `balanced` on the split, then score every source (bench/generalise.py's metrics)."""
+    from generalise import by_group, first_token_rows, sources_for_sweep, tau_for_over_refusal
+
+    from rtlocal.evaluation.analysis import with_thresholds
+    from rtlocal.evaluation.calibrate import PRESET_TARGETS, calibrate
+    from rtlocal.evaluation.data import Record
+    from rtlocal.runtime.policy import build_policy
+
+    def records(items: list) -> list[Record]:
+        scores = first_token_scores(prep, [it.prompt for it in items])
+        return [Record(it.key, it.id, it.split, it.should_refuse, it.category, probs, p) for it, (probs, p) in zip(items, scores)]
+
+    split = records(split_items(prep))
+    cal = calibrate(split, prep.categories, PRESET_TARGETS["balanced"])
+    policy = with_thresholds(build_policy(prep.categories), cal.thresholds)
+    out = {"thresholds": cal.thresholds, "split": first_token_rows(split, policy, tau_for_over_refusal(split))}
+    srcs = sources_for_sweep()
+    recs = {s.key: records(data[s.key]) for s in srcs}
+    taus = {s.key: tau_for_over_refusal(recs[s.key]) for s in srcs}
+    for s in srcs:
+        tau = taus[s.tau_from or s.key]
+        row = first_token_rows(recs[s.key], policy, tau)
+        row["groups"] = by_group(data[s.key], recs[s.key], s.group, lambda rs, t=tau: first_token_rows(rs, policy, t))
+        out[s.key] = row
+    return out
 
 
 def run_one(args: tuple) -> dict:
-    recipe, base, overrides, test_dir, device, threads = args
+    recipe, base, overrides, device, threads, deadline, limit = args
+    if deadline is not None and time.time() > deadline:
+        return {"overrides": overrides, "skipped": "past --deadline"}
     import torch
 
     if threads:
         torch.set_num_threads(threads)
+    from generalise import load_all, sources_for_sweep
+
     from finetune.recipes import get_recipe
     from finetune.trainer import fit, prepare
 
-    cfg = replace(get_recipe(recipe, base=base).config, output_dir="", device=device, save_every=0, **overrides)
-    t0 = time.perf_counter()
-    prep = prepare(cfg)
-    m = fit(prep)
-    res = score_prep(prep, Path(test_dir))
-    short = {k: m[k] for k in ("steps", "train_seconds", "val_loss", "val_first_token_accuracy") if k in m}
-    return {"overrides": overrides, "train": short, "curve": m["loss_curve"], "score": res, "seconds": round(time.perf_counter() - t0, 1)}
+    try:
+        cfg = replace(get_recipe(recipe, base=base).config, output_dir="", device=device, save_every=0, **overrides)
+        t0 = time.perf_counter()
+        prep = prepare(cfg)
+        m = fit(prep)
+        t1 = time.perf_counter()
+        res = score_prep(prep, load_all(sources_for_sweep(), limit))
+    except Exception as e:  # one bad setting must not end the sweep
+        return {"overrides": overrides, "error": f"{type(e).__name__}: {e}"}
+    short = {k: m[k] for k in ("steps", "examples", "tokens", "train_seconds", "val_loss", "val_first_token_accuracy", "precision") if k in m}
+    return {"overrides": overrides, "train": short, "curve": m["loss_curve"], "score": res,
+            "seconds": {"train": round(t1 - t0, 1), "score": round(time.perf_counter() - t1, 1)}}
+
+
+def _p(x) -> str:
+    return "  -  " if x is None else f"{x:.0%}"
 
 
 def line(r: dict) -> str:
+    if "score" not in r:
+        return f"{json.dumps(r['overrides'])}: {r.get('error') or r.get('skipped')}"
     s = r["score"]
-    cats = " ".join(f"{k.split()[0][:5]} {v['refused']:.0%}/{v['own_token']:.0%}" for k, v in s["per_category"].items())
-    return (
-        f"{json.dumps(r['overrides'])}: AUROC {s['auroc_total']:.3f} refused {s['refused']:.1%} over {s['over_refused']:.1%} "
-        f"cat-acc {s['category_accuracy']:.1%} | total-rule {s['total_rule']['refused']:.0%}/{s['total_rule']['over_refused']:.0%} | {cats} | {r['seconds']}s"
-    )
+    parts = []
+    for key in ("split", "coconot", "lookalike", "other", "framed"):
+        v = s[key]
+        parts.append(f"{key} {v['auroc']:.3f} {_p(v['balanced']['refused'])}/{_p(v['balanced']['over_refused'])}")
+    parts.append(f"harmbench {_p(s['harmbench']['balanced']['refused'])}")
+    cats = " ".join(f"{k.split()[0][:3]} {v['auroc']:.2f}" for k, v in s["coconot"]["groups"].items() if v["auroc"] is not None)
+    return f"{json.dumps(r['overrides'])}: " + " | ".join(parts) + f" | CoCoNot {cats} | tokens {r['train'].get('tokens')} | {r['seconds']}"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--recipe", default="benchmark")
+    ap.add_argument("--recipe", default="default")
     ap.add_argument("--base", default=None, help="base GGUF/HF dir (default: the recipe's)")
     ap.add_argument("--grid", required=True, help="JSON list of TrainConfig overrides, or @FILE")
-    ap.add_argument("--test-dir", type=Path, default=ROOT.parent / "shared" / "data" / "coconot")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--deadline", type=float, default=None, metavar="SECONDS", help="start no setting after this many seconds")
+    ap.add_argument("--limit", type=int, default=None, metavar="N", help="score a fixed-seed sample of N prompts per file (development)")
     ap.add_argument("--out", type=Path, default=None, help="append results as JSONL")
     args = ap.parse_args()
     grid = json.loads(Path(args.grid[1:]).read_text() if args.grid.startswith("@") else args.grid)
+    from generalise import load_all, sources_for_sweep
+
     from convert.merge import resolve_base
     from finetune.recipes import get_recipe
 
+    load_all(sources_for_sweep(), None)  # a missing validation file fails here, before any training
     resolve_base(get_recipe(args.recipe, base=args.base).config.base)  # dequantise once, before the workers
-    jobs = [(args.recipe, args.base, g, str(args.test_dir), args.device, args.threads) for g in grid]
+    deadline = time.time() + args.deadline if args.deadline else None
+    jobs = [(args.recipe, args.base, g, args.device, args.threads, deadline, args.limit) for g in grid]
     if args.workers > 1:
         import multiprocessing as mp
 
-        with mp.get_context("spawn").Pool(args.workers) as pool:
-            results = pool.imap_unordered(run_one, jobs)
-            for r in results:
+        with mp.get_context("spawn").Pool(args.workers, maxtasksperchild=1) as pool:
+            for r in pool.imap_unordered(run_one, jobs):
                 _emit(r, args.out)
     else:
         for j in jobs:
