@@ -249,8 +249,7 @@ def ask_as_question(behaviour: str) -> str | None:
     m = _ASK_OPENER.match(behaviour.strip())
     if not m or _FOR_SOMEONE_ELSE.search(m.group("mid")) or len(m.group("vp").split()) < 2:
         return None
-    from finetune.pairs import VP_FRAMES
-    from finetune.pairs import _norm as fold
+    from finetune.pairs import VP_FRAMES, fold
 
     start = int(hashlib.sha256(behaviour.encode()).hexdigest(), 16)
     asked = (VP_FRAMES[(start + k) % len(VP_FRAMES)].format(x=m.group("vp")) for k in range(2))
@@ -470,6 +469,8 @@ class Dataset:
 
 
 def _norm(text: str) -> str:
+    """Case and spacing folded, punctuation kept: the key for repeated conversations (finetune.pairs.fold,
+    which also folds punctuation, is the key for overlaps with held-out prompts)."""
     return re.sub(r"\s+", " ", text.strip().lower())
 
 

@@ -119,19 +119,19 @@ def load_pair_types(path: Path = ITEMS_FILE) -> dict[str, PairType]:
         if not isinstance(items, list) or not items:
             raise RtlocalError(f"{where}: 'items' must be a non-empty list of [benign, refuse]")
         for i, it in enumerate(items):
-            if not (isinstance(it, list) and len(it) == 2 and all(isinstance(s, str) and s.strip() for s in it)) or _norm(it[0]) == _norm(it[1]):
+            if not (isinstance(it, list) and len(it) == 2 and all(isinstance(s, str) and s.strip() for s in it)) or fold(it[0]) == fold(it[1]):
                 raise RtlocalError(f"{where}: items[{i}] must be two different non-empty strings [benign, refuse]")
         out[name] = PairType(name, t["category"], t["kind"], tuple((a.strip(), b.strip()) for a, b in items))
     return out
 
 
-def _norm(text: str) -> str:
+def fold(text: str) -> str:
     """Case, punctuation and spacing folded: the key for exact-overlap checks."""
     return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", " ", text.lower())).strip()
 
 
 def _words(text: str) -> frozenset[str]:
-    return frozenset(_norm(text).split())
+    return frozenset(fold(text).split())
 
 
 def _style(rng: random.Random) -> dict[str, bool]:
@@ -174,7 +174,7 @@ def expand(types: dict[str, PairType], *, n: int, seed: int = 0, exclude_types: 
             style = _style(rng)
             a = _apply_style(frames[f].format(x=benign), style)
             r = _apply_style(frames[f].format(x=refuse), style)
-            key = _norm(a) + "\x1f" + _norm(r)
+            key = fold(a) + "\x1f" + fold(r)
             if key in seen:
                 continue
             seen.add(key)
@@ -206,7 +206,7 @@ def find_overlaps(train: list[tuple[str, str]], holdout: list[tuple[str, str]], 
     held: list[tuple[str, frozenset[str]]] = []
     index: dict[str, list[int]] = {}  # word -> the held-out prompts (4+ words) that have it
     for where, prompt in holdout:
-        exact.setdefault(_norm(prompt), where)
+        exact.setdefault(fold(prompt), where)
         words = _words(prompt)
         if near is not None and len(words) >= 4:
             for w in words:
@@ -214,7 +214,7 @@ def find_overlaps(train: list[tuple[str, str]], holdout: list[tuple[str, str]], 
             held.append((where, words))
     out = []
     for where, prompt in train:
-        hit = exact.get(_norm(prompt))
+        hit = exact.get(fold(prompt))
         if hit:
             out.append(Overlap(where, hit, prompt, False))
             continue
