@@ -62,10 +62,11 @@ def build(
         work_dir: where the adapter goes (default: the cache dir's builds/NAME).
         force: replace an existing model of that name.
         keep_adapter: keep the adapter dir after converting (it is small and lets you re-convert).
-        calibrate: set the strictness presets and the default thresholds (= `balanced`: at most 5% of
-            the split's should-answer prompts refused) from the held-out validation split. A build's
-            refusal probabilities shift from one build to the next (at τ 0.5 CoCoNot's look-alikes were
-            over-refused 0.5-8% by builds of one recipe), a measured target does not (bench/RESULTS.md).
+        calibrate: set the strictness presets and the default thresholds (= `balanced`: at most
+            rtlocal.constants.OVER_REFUSAL_BUDGET of the split's should-answer prompts refused) from the
+            held-out validation split. A build's refusal probabilities shift from one build to the next
+            (at τ 0.5 CoCoNot's look-alikes were over-refused 0.5-8% by builds of one recipe), a measured
+            target does not (bench/RESULTS.md).
     """
     require_train_extra("rtlocal build")
     from convert.convert import OUT_TYPES, convert

@@ -112,6 +112,9 @@ CONTRACT_VERSION = 1
 
 # p_k >= threshold refuses with category k. 0.5 is "more likely refuse than not" for that reason.
 DEFAULT_THRESHOLD = 0.5
+# What `lenient` and `balanced` promise once a model is calibrated: at most this share of the validation
+# split's should-answer prompts refused (rtlocal.evaluation.calibrate.PRESET_TARGETS).
+OVER_REFUSAL_BUDGET = {"lenient": 0.01, "balanced": 0.05}
 
 
 class TokenType(IntEnum):

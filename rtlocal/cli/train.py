@@ -11,6 +11,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from rtlocal.constants import OVER_REFUSAL_BUDGET
 from rtlocal.errors import Interrupted, RtlocalError, require_train_extra
 
 DATA_HELP = (
@@ -116,7 +117,7 @@ def build(
     work_dir: Annotated[Optional[Path], typer.Option("--work-dir", help="Where the adapter goes (default: the cache dir).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing model of that name (and write into a --work-dir that holds other files).")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted build.")] = False,
-    calibrate: Annotated[Optional[bool], typer.Option("--calibrate/--no-calibrate", help="Set the strictness presets and the default thresholds (balanced: at most 5% of should-answer prompts refused) on the held-out validation split, as `rtlocal calibrate --write-gguf` does (default: as the recipe says; the default recipe calibrates).")] = None,
+    calibrate: Annotated[Optional[bool], typer.Option("--calibrate/--no-calibrate", help=f"Set the strictness presets and the default thresholds (balanced: at most {OVER_REFUSAL_BUDGET['balanced']:.0%} of should-answer prompts refused) on the held-out validation split, as `rtlocal calibrate --write-gguf` does (default: as the recipe says; the default recipe calibrates).")] = None,
 ) -> None:
     """Fine-tune, convert and register a model in the models dir, in one command."""
     require_train_extra("rtlocal build")

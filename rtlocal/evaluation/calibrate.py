@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from rtlocal.constants import CONTRACT_VERSION, DEFAULT_THRESHOLD, Keys, alias_of
+from rtlocal.constants import CONTRACT_VERSION, DEFAULT_THRESHOLD, OVER_REFUSAL_BUDGET, Keys, alias_of
 from rtlocal.errors import RtlocalError, UsageError
 from rtlocal.evaluation.analysis import (
     Outcomes,
@@ -58,10 +58,10 @@ class Target:
 
 # What each strictness preset means once a model is calibrated ('off' needs no calibration).
 PRESET_TARGETS: dict[str, Target] = {
-    "lenient": Target(OVER_REFUSAL, 0.01),  # refuse only when sure: at most 1% of should-answer prompts refused
-    # at most 5% of should-answer prompts refused. Not F1: calibrated on a build's own held-out split, the
+    "lenient": Target(OVER_REFUSAL, OVER_REFUSAL_BUDGET["lenient"]),  # refuse only when sure
+    # a budget of should-answer prompts refused, spent where it refuses the most. Not F1: calibrated on a build's own held-out split, the
     # F1 point refused 8-20% of CoCoNot's look-alikes; this target 2.6-12.9% on five builds (bench/RESULTS.md)
-    "balanced": Target(OVER_REFUSAL, 0.05),
+    "balanced": Target(OVER_REFUSAL, OVER_REFUSAL_BUDGET["balanced"]),
     "strict": Target(RECALL, 0.90),  # at least 90% of each category's should-refuse prompts refused
     "paranoid": Target(RECALL, 0.98),  # at least 98%
 }
