@@ -62,10 +62,11 @@ def first_token_scores(prep, prompts: list[str], batch_size: int = 32) -> list[t
 
 def split_items(prep) -> list:
     """The setting's held-out split as labelled prompts: what the build calibrates `balanced` on."""
+    from finetune.trainer import validation_rows
     from rtlocal.evaluation.data import EvalItem
 
-    rows = [r for r in prep.dataset.val if len(r.messages) == 1 and r.messages[0].get("role") == "user"]
-    return [EvalItem(f"split:{i}", str(i), "split", r.prompt, r.category is not None, r.category) for i, r in enumerate(rows)]
+    rows = validation_rows(prep.dataset.val)  # what the build writes and calibrates on
+    return [EvalItem(f"split:{i}", str(i), "split", r["prompt"], r["should_refuse"], r["category"] or None) for i, r in enumerate(rows)]
 
 
 def score_prep(prep, data: dict[str, list]) -> dict:

@@ -337,6 +337,15 @@ def fit(prep: Prepared, *, progress: Progress | None = None, checkpoint_dir: Pat
     }
 
 
+def validation_rows(records: list[Any]) -> list[dict[str, Any]]:
+    """The split's single-turn records as labelled prompts: the prompt is all a calibration run puts to the model."""
+    return [
+        {"prompt": r.prompt, "should_refuse": r.category is not None, "category": r.category or "", "source": r.source}
+        for r in records
+        if len(r.messages) == 1 and r.messages[0].get("role") == "user"
+    ]
+
+
 def write_validation(records: list[Any], path: Path) -> int:
     """The validation split as labelled prompts (prompt, should_refuse, category, source), atomically.
 
@@ -344,11 +353,7 @@ def write_validation(records: list[Any], path: Path) -> int:
     """
     from rtlocal.paths import atomic_write_text
 
-    rows = [
-        {"prompt": r.prompt, "should_refuse": r.category is not None, "category": r.category or "", "source": r.source}
-        for r in records
-        if len(r.messages) == 1 and r.messages[0].get("role") == "user"
-    ]
+    rows = validation_rows(records)
     atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     return len(rows)
 
