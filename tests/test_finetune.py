@@ -303,10 +303,14 @@ def test_weight_average_keeps_the_mean_of_the_last_steps(tiny_base, tiny_data, t
 
     cfg = tiny_config(tiny_base, tiny_data, tmp_path / "a", max_steps=6, average_last=0.5, precision="fp32")
     prep = prepare(cfg)
-    weights = lambda: [p.detach().clone() for p in prep.model.parameters() if p.requires_grad]  # noqa: E731
+
+    def weights() -> list:
+        return [p.detach().clone() for p in prep.model.parameters() if p.requires_grad]
 
     class Snap(LogProgress):
-        seen: dict[int, list] = {}
+        def __init__(self):
+            super().__init__()
+            self.seen: dict[int, list] = {}
 
         def update(self, done, **info):
             self.seen[done] = weights()
