@@ -55,11 +55,6 @@ class TrainConfig:
     scheduler: str = field(default="cosine", metadata={"help": "Learning-rate schedule after warm-up.", "choices": list(SCHEDULERS)})
     warmup_ratio: float = field(default=0.05, metadata={"help": "Share of steps with a linear warm-up."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay of the LoRA weights."})
-    average_last: float = field(
-        default=0.0,
-        metadata={"help": "Keep the mean of the trainable weights over this last share of the steps instead of the "
-                  "last weights (stochastic weight averaging; 0: the last)."},
-    )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (scale = alpha / r)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
@@ -98,7 +93,6 @@ class TrainConfig:
         need(self.token_learning_rate >= 0, "token_learning_rate", "must be >= 0")
         need(self.scheduler in SCHEDULERS, "scheduler", f"must be one of {', '.join(SCHEDULERS)}")
         need(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)")
-        need(0.0 <= self.average_last < 1.0, "average_last", "must be in [0, 1)")
         need(self.lora_r >= 1, "lora_r", "must be >= 1")
         need(self.token_init in TOKEN_INITS, "token_init", f"must be one of {', '.join(TOKEN_INITS)}")
         need(self.first_token_weight > 0, "first_token_weight", "must be > 0")

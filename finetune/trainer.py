@@ -195,50 +195,13 @@ def evaluate(prep: Prepared, fwd: Forward, batch_size: int = 16) -> dict[str, An
     return {"val_loss": total / max(1, n), "val_first_token_accuracy": hits / len(prep.val), "val_p_target": p_sum / len(prep.val)}
 
 
-class WeightAverage:
-    """The running mean of the trainable weights from step `start` on (stochastic weight averaging)."""
-
-    def __init__(self, model: Any, start: int):
-        self.model, self.start, self.n, self.mean = model, start, 0, {}
-
-    def update(self, step: int) -> None:
-        import torch
-
-        if step <= self.start:
-            return
-        self.n += 1
-        with torch.no_grad():
-            for name, p in _trainable(self.model):
-                if name not in self.mean:
-                    self.mean[name] = p.detach().clone()
-                else:
-                    self.mean[name].add_(p.detach() - self.mean[name], alpha=1.0 / self.n)
-
-    def apply(self) -> None:
-        """Replace the weights by their mean (a no-op before any step was averaged)."""
-        import torch
-
-        with torch.no_grad():
-            for name, p in _trainable(self.model):
-                if name in self.mean:
-                    p.copy_(self.mean[name])
-
-    def state(self) -> dict[str, Any]:
-        return {"n": self.n, "mean": {k: v.cpu() for k, v in self.mean.items()}}
-
-    def load(self, saved: dict[str, Any], device: str) -> None:
-        self.n, self.mean = saved["n"], {k: v.to(device) for k, v in saved["mean"].items()}
-
-
-def _save_checkpoint(prep: Prepared, path: Path, opt: Any, sched: Any, state: dict[str, Any], average: WeightAverage | None = None) -> None:
+def _save_checkpoint(prep: Prepared, path: Path, opt: Any, sched: Any, state: dict[str, Any]) -> None:
     import torch
 
     tmp = path.with_name(path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     torch.save({n: p.detach().cpu() for n, p in _trainable(prep.model)}, tmp / "trainable.pt")
-    if average is not None:
-        torch.save(average.state(), tmp / "average.pt")
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     old = path.with_name(path.name + ".old")
@@ -249,7 +212,7 @@ def _save_checkpoint(prep: Prepared, path: Path, opt: Any, sched: Any, state: di
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_checkpoint(prep: Prepared, path: Path, opt: Any, sched: Any, fingerprint: str, average: WeightAverage | None = None) -> dict[str, Any]:
+def _load_checkpoint(prep: Prepared, path: Path, opt: Any, sched: Any, fingerprint: str) -> dict[str, Any]:
     import torch
 
     state_file = path / "state.json"
@@ -266,8 +229,6 @@ def _load_checkpoint(prep: Prepared, path: Path, opt: Any, sched: Any, fingerpri
     opt_state = torch.load(path / "optimizer.pt", map_location=prep.device)
     opt.load_state_dict(opt_state["optimizer"])
     sched.load_state_dict(opt_state["scheduler"])
-    if average is not None and (path / "average.pt").exists():
-        average.load(torch.load(path / "average.pt", map_location=prep.device), prep.device)
     return state
 
 
@@ -301,13 +262,12 @@ def fit(prep: Prepared, *, progress: Progress | None = None, checkpoint_dir: Pat
     total = config.max_steps or max(1, math.ceil(per_epoch * config.epochs / config.grad_accum))
     opt = _optimizer(prep.model, config)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(config, total))
-    average = WeightAverage(prep.model, total - math.ceil(total * config.average_last)) if config.average_last else None
     fingerprint = config.fingerprint([s["sha256"] for s in prep.dataset.sources])
     state: dict[str, Any] = {"step": 0, "tokens": 0, "seconds": 0.0, "curve": [], "fingerprint": fingerprint}
     if config.resume:
         if checkpoint_dir is None:
             raise RtlocalError("--resume needs an output dir with a checkpoint")
-        state = _load_checkpoint(prep, checkpoint_dir, opt, sched, fingerprint, average)
+        state = _load_checkpoint(prep, checkpoint_dir, opt, sched, fingerprint)
         progress.stage(f"resuming at step {state['step']}/{total}")
     if "precision" not in state:  # a resumed run keeps the precision it started with
         first = _to(collate([prep.train[i] for i in make_batches(prep.train, config.batch_size, config.seed, 0)[0]], pad), prep.device)
@@ -342,8 +302,6 @@ def fit(prep: Prepared, *, progress: Progress | None = None, checkpoint_dir: Pat
             opt.zero_grad(set_to_none=True)
             step += 1
             state["step"] = step
-            if average is not None:
-                average.update(step)
             mean = sum(window) / len(window)
             if step % config.log_every == 0 or step == total:
                 state["curve"].append([step, round(mean, 4)])
@@ -353,19 +311,17 @@ def fit(prep: Prepared, *, progress: Progress | None = None, checkpoint_dir: Pat
             if prep.device == "cpu" and not config.threads and step % 25 == 0:  # follow the machine's load
                 torch.set_num_threads(idle_cores(own=torch.get_num_threads()))
             if checkpoint_dir is not None and config.save_every and step % config.save_every == 0 and step < total:
-                _save_checkpoint(prep, checkpoint_dir, opt, sched, state, average)
+                _save_checkpoint(prep, checkpoint_dir, opt, sched, state)
     except KeyboardInterrupt:
         progress.finish()
         if checkpoint_dir is not None:
             state["seconds"] = time.perf_counter() - t0
             with _no_interrupts():
-                _save_checkpoint(prep, checkpoint_dir, opt, sched, state, average)
+                _save_checkpoint(prep, checkpoint_dir, opt, sched, state)
             log.warning("interrupted at step %d/%d: checkpoint saved in %s; continue with --resume", step, total, checkpoint_dir)
         raise
     progress.finish()
     seconds = time.perf_counter() - t0
-    if average is not None:
-        average.apply()
     progress.stage("evaluating on the validation set")
     return {
         **evaluate(prep, fwd),
@@ -378,7 +334,6 @@ def fit(prep: Prepared, *, progress: Progress | None = None, checkpoint_dir: Pat
         "trainable_parameters": n_train,
         "precision": precision,
         "bf16_parity": state.get("bf16_parity"),
-        "averaged_steps": average.n if average is not None else 0,
     }
 
 

@@ -295,47 +295,6 @@ def test_interrupt_saves_and_resume_finishes(tiny_base, tiny_data, tmp_path):
         train(replace(cfg, resume=True))
 
 
-def test_weight_average_keeps_the_mean_of_the_last_steps(tiny_base, tiny_data, tmp_path):
-    import torch
-
-    from finetune.progress import LogProgress
-    from finetune.trainer import fit, prepare, train
-
-    cfg = tiny_config(tiny_base, tiny_data, tmp_path / "a", max_steps=6, average_last=0.5, precision="fp32")
-    prep = prepare(cfg)
-
-    def weights() -> list:
-        return [p.detach().clone() for p in prep.model.parameters() if p.requires_grad]
-
-    class Snap(LogProgress):
-        def __init__(self):
-            super().__init__()
-            self.seen: dict[int, list] = {}
-
-        def update(self, done, **info):
-            self.seen[done] = weights()
-
-    snap = Snap()
-    m = fit(prep, progress=snap)
-    assert m["averaged_steps"] == 3  # steps 4, 5 and 6 of 6
-    kept = weights()
-    for got, *steps in zip(kept, *(snap.seen[k] for k in (4, 5, 6))):
-        assert torch.allclose(got, torch.stack(steps).mean(0), atol=1e-6)
-    assert any(not torch.allclose(got, last) for got, last in zip(kept, snap.seen[6]))
-
-    class StopAt(LogProgress):
-        def update(self, done, **info):
-            if done == 5:
-                raise KeyboardInterrupt
-
-    out = tmp_path / "b"
-    cfg = replace(cfg, output_dir=str(out))
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, progress=StopAt())
-    r = train(replace(cfg, resume=True))
-    assert r.metrics["averaged_steps"] == 3  # the two steps averaged before the interrupt were saved with it
-
-
 def test_eta_after_resume():
     from finetune.progress import eta_seconds
 
