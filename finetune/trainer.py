@@ -347,10 +347,7 @@ def validation_rows(records: list[Any]) -> list[dict[str, Any]]:
 
 
 def write_validation(records: list[Any], path: Path) -> int:
-    """The validation split as labelled prompts (prompt, should_refuse, category, source), atomically.
-
-    Only single-turn records: the prompt is all a calibration run puts to the model. Returns the count.
-    """
+    """The validation split's `validation_rows` as JSONL, atomically. Returns the count."""
     from rtlocal.paths import atomic_write_text
 
     rows = validation_rows(records)
