@@ -184,12 +184,33 @@ def wrap_peft(model: Any, config: TrainConfig, token_ids: Sequence[int]) -> Any:
     return get_peft_model(model, lora)
 
 
+def shared_prefix(ids: Any, mask: Any, labels: Any) -> int:
+    """How many leading tokens every row of a right-padded batch shares and can run once for all: the
+    common opening of the rows' ids, ending before the first position whose next token is a label (so
+    every logit the loss needs comes from the rest). 0 when there is nothing to share.
+
+    The default recipe's rows all open with the same 24 tokens (SmolLM2's system prompt and the user
+    turn's header) of 67 on average: a third of each step's tokens.
+    """
+    import torch
+
+    rows, n = ids.shape
+    if rows < 2:
+        return 0
+    same = (ids == ids[:1]).all(0).long().cumprod(0).sum().item()
+    labelled = labels != IGNORE
+    first_label = torch.where(labelled.any(1), labelled.long().argmax(1), torch.full_like(labelled[:, 0], n, dtype=torch.long))
+    p = min(same, int(first_label.min()) - 1, int(mask.sum(1).min()) - 1)
+    return p if p >= 2 else 0
+
+
 class Forward:
     """The training forward pass: loss over answer tokens, first answer token weighted."""
 
     def __init__(self, peft_model: Any, first_token_weight: float):
         self.model = peft_model
         self.w_first = first_token_weight
+        self.share_prefix = True  # run the batch's common opening once (`shared_prefix`); off: every row whole
         inner = peft_model.get_base_model()
         self.fast = getattr(inner.config, "model_type", "") in _FAST_TYPES and hasattr(inner, "model") and hasattr(inner, "lm_head")
         if self.fast:
@@ -220,6 +241,10 @@ class Forward:
         lookup[self.idx_in] = torch.arange(len(self.idx_in), device=self.W_in.device)
         self.lookup = lookup
         self.body = inner.model
+        import inspect
+
+        # transformers 5 names the key/value cache `cache` (`past_key_values` before, and its outputs so)
+        self.cache_arg = "cache" if "cache" in inspect.signature(self.body.forward).parameters else "past_key_values"
 
     def logits_and_targets(self, batch: dict[str, Any]) -> tuple[Any, Any, Any]:
         """Logits at the positions that predict an answer token, their targets, and first-token flags."""
@@ -235,11 +260,21 @@ class Forward:
         j = self.lookup[ids]
         x = F.embedding(ids, self.W_in)
         x = torch.where((j >= 0).unsqueeze(-1), self.delta_in[j.clamp(min=0)].to(x.dtype), x)
-        h = self.body(inputs_embeds=x, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1]
-        hs = h[sel]
+        p = shared_prefix(ids, mask, labels) if self.share_prefix else 0
+        if p:  # the rows' common opening (system prompt, template) runs once, its keys and values shared
+            pre = self.body(inputs_embeds=x[:1, :p], attention_mask=mask[:1, :p], use_cache=True)
+            cache = getattr(pre, self.cache_arg)
+            cache.batch_repeat_interleave(ids.shape[0])
+            h = self.body(inputs_embeds=x[:, p:], attention_mask=mask, use_cache=True, **{self.cache_arg: cache}).last_hidden_state
+        else:
+            h = self.body(inputs_embeds=x, attention_mask=mask, use_cache=False).last_hidden_state
+        # h holds positions p.., so the logit at p + t predicts token p + t + 1 (no label before p + 1)
+        tgt, is_first = labels[:, p + 1 :], first[:, p + 1 :]
+        sel = tgt != IGNORE
+        hs = h[:, :-1][sel]
         logits = F.linear(hs, self.W_out)
         logits = logits.index_copy(1, self.idx_out, F.linear(hs, self.delta_out.to(hs.dtype)))
-        return logits.float(), tgt[sel], first[:, 1:][sel]
+        return logits.float(), tgt[sel], is_first[sel]
 
     def loss(self, batch: dict[str, Any]) -> tuple[Any, dict[str, float]]:
         import torch.nn.functional as F

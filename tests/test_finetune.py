@@ -203,6 +203,57 @@ def test_fast_forward_equals_peft_forward(tiny_base, tiny_data, tmp_path):
     assert torch.allclose(fast, slow, atol=1e-5)
 
 
+def test_shared_prefix_gives_the_loss_and_gradients_of_whole_rows(tiny_base, tmp_path):
+    """The batch's common opening runs once with its keys and values shared: the same function as every row whole."""
+    import torch
+
+    from finetune.encoding import collate
+    from finetune.model import Forward, _trainable, shared_prefix
+    from finetune.trainer import prepare
+
+    rows = [{"messages": [{"role": "system", "content": "You are a helpful assistant who answers briefly."}, {"role": "user", "content": r["prompt"]}],
+             **{k: v for k, v in r.items() if k != "prompt"}} for r in TRAIN_ROWS]
+    data = tmp_path / "system.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prep = prepare(tiny_config(tiny_base, data, tmp_path / "o"))
+    fwd = Forward(prep.model, 3.0)
+    batch = collate(prep.train, 0)
+    p = shared_prefix(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    assert p >= 8  # the system turn and the user turn's header
+
+    def loss_and_grad(share: bool) -> tuple[float, torch.Tensor]:
+        fwd.share_prefix = share
+        prep.model.zero_grad(set_to_none=True)
+        loss, _ = fwd.loss(batch)
+        loss.backward()
+        return loss.item(), torch.cat([q.grad.flatten() for _, q in _trainable(prep.model) if q.grad is not None])
+
+    shared, whole = loss_and_grad(True), loss_and_grad(False)
+    assert shared[0] == pytest.approx(whole[0], rel=1e-5)
+    assert torch.allclose(shared[1], whole[1], rtol=1e-4, atol=1e-6)
+
+
+def test_shared_prefix_stops_before_the_first_label():
+    """Never past a row's first labelled position, its padding or a lone row."""
+    import torch
+
+    from finetune.encoding import IGNORE
+    from finetune.model import shared_prefix
+
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 0], [1, 2, 3, 4, 5, 6, 8, 9]])
+    mask = (ids != 0).long()
+    labels = torch.full_like(ids, IGNORE)
+    labels[:, 6:] = ids[:, 6:]
+    assert shared_prefix(ids, mask, labels) == 5  # 6 in common; position 5 predicts the first label
+    labels[1, 3:] = ids[1, 3:]
+    assert shared_prefix(ids, mask, labels) == 2
+    labels[1, 2:] = ids[1, 2:]
+    assert shared_prefix(ids, mask, labels) == 0  # too short to be worth a second pass
+    assert shared_prefix(ids[:1], mask[:1], labels[:1]) == 0
+    short = torch.tensor([[1, 2, 3, 0, 0, 0, 0, 0], [1, 2, 3, 4, 5, 6, 8, 9]])
+    assert shared_prefix(short, (short != 0).long(), torch.full_like(short, IGNORE)) == 2  # the short row's length
+
+
 def test_bf16_autocast_parity(tiny_base, tiny_data, tmp_path):
     """bf16 autocast keeps the loss and its gradients close to fp32 (bounds, not equality: CPUs differ)."""
     import torch
