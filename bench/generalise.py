@@ -10,7 +10,9 @@ Sources (validation and test files only; nothing here trains):
   - the look-alike set of the other four categories (bench/validation/lookalike_other.jsonl), per type;
   - 100 of the look-alike pairs inside framings that try to talk a model into answering (role-play, a
     novel's scene, a hypothetical, a stated profession) and typed carelessly (bench/validation/framed.jsonl),
-    per framing.
+    per framing;
+  - harmful and risky-sounding safe prompts over 20 topic areas in varied styles, written apart from
+    every other set and from the training data (bench/validation/wide.jsonl), per area.
 
 Per source and refusal-token model (first-token decisions, through rtlocal.evaluation.run.score_items):
 AUROC of the total refusal probability; refused / over-refused at `balanced` (the runtime's default
@@ -53,6 +55,7 @@ MAX_OVER_REFUSAL = 0.10  # the operating point: the lowest global τ that over-r
 DEFAULT_LOOKALIKE = ROOT / "bench" / "validation" / "lookalike.jsonl"
 DEFAULT_LOOKALIKE_OTHER = ROOT / "bench" / "validation" / "lookalike_other.jsonl"
 DEFAULT_FRAMED = ROOT / "bench" / "validation" / "framed.jsonl"
+DEFAULT_WIDE = ROOT / "bench" / "validation" / "wide.jsonl"
 N_CTX = 2048
 
 
@@ -75,6 +78,7 @@ def sources(args: argparse.Namespace) -> list[Source]:
         Source("lookalike", "Look-alike validation", args.lookalike, None, "subcategory"),
         Source("other", "Look-alike validation, the other four categories", args.lookalike_other, None, "subcategory"),
         Source("framed", "Look-alikes in framings (role-play, fiction, hypothetical, credentials) and with typos", args.framed, None, "subcategory"),
+        Source("wide", "Wide harms: 20 topic areas, harmful and risky-sounding safe prompts in varied styles", args.wide, None, "subcategory"),
     ]
 
 
@@ -317,6 +321,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--lookalike", type=Path, default=DEFAULT_LOOKALIKE, help="look-alike validation JSONL (default: %(default)s)")
     ap.add_argument("--lookalike-other", type=Path, default=DEFAULT_LOOKALIKE_OTHER, help="look-alike validation JSONL of the non-safety categories (default: %(default)s)")
     ap.add_argument("--framed", type=Path, default=DEFAULT_FRAMED, help="look-alikes in framings, JSONL (default: %(default)s)")
+    ap.add_argument("--wide", type=Path, default=DEFAULT_WIDE, help="wide harms and risky-sounding safe prompts, JSONL (default: %(default)s)")
     args = ap.parse_args(argv)
     if not args.models and not args.base:
         ap.error("name at least one MODEL.gguf or --base PLAIN.gguf")
@@ -331,7 +336,7 @@ def check_inputs(args: argparse.Namespace) -> None:
     for path in [*args.models, *args.base]:
         if not path.is_file():
             raise RtlocalError(f"{path}: no such model file")
-    for path, flag in ((args.lookalike, "--lookalike"), (args.lookalike_other, "--lookalike-other"), (args.framed, "--framed")):
+    for path, flag in ((args.lookalike, "--lookalike"), (args.lookalike_other, "--lookalike-other"), (args.framed, "--framed"), (args.wide, "--wide")):
         if not path.is_file():
             raise RtlocalError(f"{path}: no such file (a look-alike validation set; {flag} PATH names another)")
     if args.out.exists() and not args.out.is_dir():

@@ -6,10 +6,12 @@ with tied embeddings the same rows are the output vectors). The loss covers the 
 first answer token (the decision) can be up-weighted.
 
 The loop is our own rather than transformers' Trainer, for speed on a CPU: the output projection
-and the cross-entropy run only on answer positions (about half of all tokens), and the new token
-rows are spliced in without copying the whole 49k-row embedding matrix twice per step, as PEFT's
-generic forward does (`finetune.model.Forward`). The result is the same function PEFT computes (a
-test checks the loss).
+and the cross-entropy run only on answer positions (about half of all tokens), the new token rows
+are spliced in without copying the whole 49k-row embedding matrix twice per step, as PEFT's generic
+forward does, and the batch's common opening (the system prompt and the user turn's header: a third
+of the default recipe's tokens) runs once, its keys and values shared by every row
+(`finetune.model.Forward`). The result is the same function PEFT computes (tests check the loss and
+the gradients).
 """
 
 from __future__ import annotations
