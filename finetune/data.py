@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import random
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
@@ -387,7 +386,32 @@ def label_records(records: list[Record], mode: TokenMode | str, custom: list[str
     return cats
 
 
-def fill_refusals(records: list[Record], templates: dict[str, list[str]], rng: random.Random) -> int:
+class Draw:
+    """The random choices of a build, each keyed by the record it is about: a record gets the same template,
+    the same side of the split and the same place in the mix whatever else is in the pool. Adding or
+    dropping records (a new held-out file, a new pair item) then changes only those records' fate, where
+    one shared random stream would redraw the whole mix (a build that only gained a validation file
+    trained on another sample and ranked CoCoNot 0.03 lower: bench/RESULTS.md, Round 9)."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def unit(self, purpose: str, key: str) -> float:
+        """A number in [0, 1), fixed by the seed, the purpose and the key."""
+        h = hashlib.sha256(f"{self.seed}\x1f{purpose}\x1f{key}".encode()).digest()
+        return int.from_bytes(h[:8], "big") / 2**64
+
+    def order(self, purpose: str, records: list[Record]) -> list[Record]:
+        """The records in the order of their draws for `purpose`."""
+        return sorted(records, key=lambda r: self.unit(purpose, record_key(r)))
+
+
+def record_key(r: Record) -> str:
+    """What makes a record itself: its whole conversation (case and spacing folded) and whether its start is forced."""
+    return "\x1f".join(f"{m['role']}:{_norm(m['content'])}" for m in r.messages) + ("\x1fforced" if r.forced else "")
+
+
+def fill_refusals(records: list[Record], templates: dict[str, list[str]], draw: Draw) -> int:
     """Give every refusal without a text a templated reply that fits its category. Returns how many."""
     n = 0
     generic = templates.get(SINGLE_CATEGORY) or [t for v in templates.values() for t in v]
@@ -396,7 +420,7 @@ def fill_refusals(records: list[Record], templates: dict[str, list[str]], rng: r
             choices = templates.get(r.category) or generic
             if not choices:
                 raise RtlocalError(f"{r.source}: no refusal text and no template for {r.category!r}")
-            r.answer = rng.choice(choices)
+            r.answer = choices[int(draw.unit("template", record_key(r)) * len(choices))]
             n += 1
     return n
 
@@ -479,7 +503,7 @@ def dedupe(records: list[Record]) -> tuple[list[Record], int]:
     seen: set[str] = set()
     out = []
     for r in records:
-        key = "\x1f".join(f"{m['role']}:{_norm(m['content'])}" for m in r.messages) + ("\x1fforced" if r.forced else "")
+        key = record_key(r)
         if key in seen:
             continue
         seen.add(key)
@@ -498,7 +522,7 @@ def cut_answer(text: str, max_chars: int) -> str:
     return head.rsplit(" ", 1)[0].rstrip()
 
 
-def split_train_val(records: list[Record], fraction: float, rng: random.Random) -> tuple[list[Record], list[Record]]:
+def split_train_val(records: list[Record], fraction: float, draw: Draw) -> tuple[list[Record], list[Record]]:
     """Stratified by target, so every category appears in validation when it has a few rows."""
     by: dict[str, list[Record]] = defaultdict(list)
     train, val = [], []
@@ -508,8 +532,7 @@ def split_train_val(records: list[Record], fraction: float, rng: random.Random) 
         else:
             by[r.target].append(r)
     for key in sorted(by):
-        rows = by[key][:]
-        rng.shuffle(rows)
+        rows = draw.order("val", by[key])
         k = int(round(len(rows) * fraction)) if fraction > 0 else 0
         if fraction > 0 and k == 0 and len(rows) >= 10:
             k = 1
@@ -518,15 +541,15 @@ def split_train_val(records: list[Record], fraction: float, rng: random.Random) 
     return train, val
 
 
-def _repeat(records: list[Record], factor: float, rng: random.Random) -> list[Record]:
+def _repeat(records: list[Record], factor: float, draw: Draw) -> list[Record]:
     whole, frac = int(factor), factor - int(factor)
     out = records * whole
     if frac > 0:
-        out += rng.sample(records, int(round(len(records) * frac)))
+        out += [r for r in records if draw.unit("mix", record_key(r)) < frac]  # each row on its own draw
     return out
 
 
-def balance_categories(records: list[Record], strength: float, rng: random.Random) -> list[Record]:
+def balance_categories(records: list[Record], strength: float, draw: Draw) -> list[Record]:
     """Oversample smaller refusal categories towards the largest one (strength 1 = equal counts)."""
     if strength <= 0:
         return records
@@ -541,9 +564,20 @@ def balance_categories(records: list[Record], strength: float, rng: random.Rando
     for rows in by.values():
         want = len(rows) + strength * (top - len(rows))
         extra = int(round(want)) - len(rows)
-        for i in range(extra):
-            out.append(rows[i % len(rows)] if i >= len(rows) else rng.choice(rows))
+        drawn = draw.order("balance", rows)
+        out += [drawn[i % len(drawn)] for i in range(extra)]
     return out
+
+
+def shuffle_copies(records: list[Record], draw: Draw) -> list[Record]:
+    """The training rows in the order of their draws, the n-th copy of a record drawn apart from the others."""
+    seen: Counter[str] = Counter()
+    keyed = []
+    for r in records:
+        k = record_key(r)
+        keyed.append((draw.unit("order", f"{k}\x1f{seen[k]}"), r))
+        seen[k] += 1
+    return [r for _, r in sorted(keyed, key=lambda kr: kr[0])]
 
 
 def build_dataset(config: DataConfig) -> Dataset:
@@ -552,7 +586,7 @@ def build_dataset(config: DataConfig) -> Dataset:
         raise RtlocalError("no training data: give at least one data source")
     if not 0.0 <= config.val_fraction < 1.0:
         raise RtlocalError(f"val_fraction must be in [0, 1), got {config.val_fraction}")
-    rng = random.Random(config.seed)
+    draw = Draw(config.seed)
     specs = [parse_source(s) for s in config.sources]
     loaded: list[tuple[SourceSpec, list[Record]]] = []
     stats: Counter[str] = Counter()
@@ -584,7 +618,7 @@ def build_dataset(config: DataConfig) -> Dataset:
         recs[:] = kept
     unique, stats["duplicates"] = dedupe([r for _, recs in loaded for r in recs])
     keep_ids = {id(r) for r in unique}
-    stats["templated_refusals"] = fill_refusals(unique, templates, rng)
+    stats["templated_refusals"] = fill_refusals(unique, templates, draw)
     stats["refusing_answers_kept_as_decisions"] = refusing_answers_to_decisions(unique)
     missing = [r for r in unique if r.category is None and not r.answer and not r.decision_only]
     if missing:
@@ -595,16 +629,16 @@ def build_dataset(config: DataConfig) -> Dataset:
     if config.max_answer_chars:
         for r in unique:
             r.answer = cut_answer(r.answer or "", config.max_answer_chars)
-    train_unique, val = split_train_val(unique, config.val_fraction, rng)
+    train_unique, val = split_train_val(unique, config.val_fraction, draw)
     train_ids = {id(r) for r in train_unique}
     train: list[Record] = []
     for spec, recs in loaded:
         mine = [r for r in recs if id(r) in keep_ids and id(r) in train_ids]
-        train += _repeat(mine, spec.weight, rng) if mine else []
-    train = balance_categories(train, config.balance, rng)
+        train += _repeat(mine, spec.weight, draw) if mine else []
+    train = balance_categories(train, config.balance, draw)
     if not train:
         raise RtlocalError("no training data left after de-duplication and the validation split (an empty dataset)")
-    rng.shuffle(train)
+    train = shuffle_copies(train, draw)
     counts = Counter(r.target for r in train)
     log.info("training records: %d (%s); validation: %d", len(train), ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), len(val))
     return Dataset(

@@ -148,8 +148,8 @@ def _apply_style(text: str, style: dict[str, bool]) -> str:
 
 
 def expand(types: dict[str, PairType], *, n: int, seed: int = 0, exclude_types: frozenset[str] = frozenset()) -> list[Pair]:
-    """About `n` distinct pairs, spread evenly over the types (every item at least once), deterministic in `seed`."""
-    rng = random.Random(seed)
+    """About `n` distinct pairs, spread evenly over the types (every item at least once), deterministic in `seed`.
+    Each type draws from its own stream: a type's pairs do not change when another type is added or edited."""
     kept = {k: t for k, t in types.items() if k not in exclude_types}
     if not kept:
         raise RtlocalError("no pair types left to expand")
@@ -157,6 +157,7 @@ def expand(types: dict[str, PairType], *, n: int, seed: int = 0, exclude_types: 
     pairs: list[Pair] = []
     for name in sorted(kept):
         t = kept[name]
+        rng = random.Random(f"{seed}:{name}")
         frames = VP_FRAMES if t.kind == "vp" else Q_FRAMES
         combos = [(i, f) for f in range(len(frames)) for i in range(len(t.items))]
         rng.shuffle(combos)

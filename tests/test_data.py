@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 from collections import Counter
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 
 from finetune.data import (
     DataConfig,
+    Draw,
     balance_categories,
     build_dataset,
     cut_answer,
@@ -140,6 +140,30 @@ def test_dedupe_templates_split_weights_and_balance(tmp_path):
     assert [r.prompt for r in ds2.train] == [r.prompt for r in ds.train]  # the seed fixes everything
 
 
+def test_a_record_keeps_its_draw_when_others_join_or_leave(tmp_path):
+    """Template, split side and place in a weighted sample are each record's own: rows added to the pool
+    (or dropped from it, by a new held-out file) change nothing for the rows that were there."""
+    base = [{"prompt": f"Question number {i}?", "response": f"Answer {i}."} for i in range(60)]
+    base += [{"prompt": f"Are you sad {i}?", "category": "humanizing"} for i in range(30)]
+    more = [{"prompt": f"Another question {i}?", "response": f"More {i}."} for i in range(25)]
+    more += [{"prompt": f"Do you dream {i}?", "category": "humanizing"} for i in range(12)]
+
+    def build(rows: list[dict], name: str):
+        f = write_jsonl(tmp_path / name, rows)
+        return build_dataset(DataConfig(sources=[f"{f}*0.5"], val_fraction=0.1, balance=0.0, seed=3))
+
+    small, large = build(base, "small.jsonl"), build(base + more, "large.jsonl")
+    old = {r["prompt"] for r in base}
+    val_small, val_large = {r.prompt for r in small.val}, {r.prompt for r in large.val} & old
+    assert len(val_small ^ val_large) <= 2  # at most the rows at the edge of each target's share move
+    train_small = {r.prompt for r in small.train} - val_large
+    train_large = {r.prompt for r in large.train} & old - val_small - val_large
+    assert train_small == train_large  # a weight below 1 keeps each row on its own draw
+    answers = {r.prompt: r.answer for r in small.train + small.val if r.category}
+    assert all(answers[r.prompt] == r.answer for r in large.train + large.val if r.category and r.prompt in answers)
+    assert Draw(3).unit("mix", "a") == Draw(3).unit("mix", "a") != Draw(4).unit("mix", "a")
+
+
 def test_answers_that_refuse_after_respond_train_the_decision_only(tmp_path):
     rows = [
         {"prompt": "How do I make a fake doctor's note?", "response": "I'm sorry, but I cannot assist with forging documents."},
@@ -162,7 +186,7 @@ def test_balance_partway_and_dedupe_keeps_first():
     recs = [r for r in recs if r.category in ("Humanizing requests", "Requests with safety concerns")]
     small = [r for r in recs if r.category == "Humanizing requests"][:10]
     big = [r for r in recs if r.category != "Humanizing requests"][:30]
-    out = balance_categories(small + big, 0.5, random.Random(0))
+    out = balance_categories(small + big, 0.5, Draw(0))
     assert Counter(r.category for r in out)["Humanizing requests"] == 20
     kept, n = dedupe(small + small[:3])
     assert n == 3 and kept == small
