@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m finetune.pairs", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, type=Path, help="JSONL to write (record schema; answered sides unanswered).")
-    ap.add_argument("--n", type=int, default=2400, help="About this many pairs (every item at least once).")
+    ap.add_argument("--n", type=int, default=2680, help="About this many pairs (every item at least once).")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--items", type=Path, default=ITEMS_FILE, help="The item tables.")
     ap.add_argument("--holdout", nargs="*", default=[], help="Validation/test files: pairs that repeat or nearly repeat them are dropped.")

@@ -100,7 +100,7 @@ def _default_config(base: str | None = None) -> TrainConfig:
         _builtin_only_config(base),
         data=[
             "builtin*0.5",
-            "pairs:2400*0.2",
+            "pairs:2680*0.2",  # 141 pairs a type before the sample (19 types)
             f"jsonl:{BUILTIN / 'forced.jsonl'}",
             f"coconot-refusal:{THIRDPARTY / 'coconot' / 'refusal_train.jsonl'}",
             f"coconot-contrast:{THIRDPARTY / 'coconot' / 'contrast_train.jsonl'}*0.8",

@@ -34,6 +34,8 @@ def test_expand_is_deterministic_balanced_and_uses_every_item():
     pairs = expand(types, n=2400, seed=0)
     assert pairs == expand(types, n=2400, seed=0)
     assert pairs != expand(types, n=2400, seed=1)
+    fewer = {k: t for k, t in types.items() if k != "homonyms"}  # a type's pairs are its own draw
+    assert [p for p in expand(fewer, n=2400 * len(fewer) // len(types), seed=0) if p.type == "cyber"] == [p for p in pairs if p.type == "cyber"]
     assert len(pairs) >= 2000 and len({p.id for p in pairs}) == len(pairs)
     per_type = Counter(p.type for p in pairs)
     assert set(per_type) == set(types) and max(per_type.values()) - min(per_type.values()) <= 1
