@@ -4,6 +4,7 @@ and `Forward`, the fast training forward pass (why it is fast: `finetune.trainer
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -241,8 +242,6 @@ class Forward:
         lookup[self.idx_in] = torch.arange(len(self.idx_in), device=self.W_in.device)
         self.lookup = lookup
         self.body = inner.model
-        import inspect
-
         # transformers 5 names the key/value cache `cache` (`past_key_values` before, and its outputs so)
         self.cache_arg = "cache" if "cache" in inspect.signature(self.body.forward).parameters else "past_key_values"
 
@@ -252,9 +251,9 @@ class Forward:
         import torch.nn.functional as F
 
         ids, mask, labels, first = batch["input_ids"], batch["attention_mask"], batch["labels"], batch["first"]
-        tgt = labels[:, 1:]
-        sel = tgt != IGNORE
         if not self.fast:
+            tgt = labels[:, 1:]
+            sel = tgt != IGNORE
             logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1]
             return logits[sel].float(), tgt[sel], first[:, 1:][sel]
         j = self.lookup[ids]
