@@ -33,6 +33,7 @@ from rtlocal.errors import RtlocalError
 
 ITEMS_FILE = Path(__file__).resolve().parent / "builtin" / "pair_items.json"
 KINDS = ("vp", "q")
+DEFAULT_N = 2680  # the default recipe's mix: 141 pairs a type before its sample (19 types)
 
 # How-to frames for verb phrases; both sides of a pair get the same one.
 VP_FRAMES: tuple[str, ...] = (
@@ -252,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m finetune.pairs", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, type=Path, help="JSONL to write (record schema; answered sides unanswered).")
-    ap.add_argument("--n", type=int, default=2680, help="About this many pairs (every item at least once).")
+    ap.add_argument("--n", type=int, default=DEFAULT_N, help="About this many pairs (every item at least once).")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--items", type=Path, default=ITEMS_FILE, help="The item tables.")
     ap.add_argument("--holdout", nargs="*", default=[], help="Validation/test files: pairs that repeat or nearly repeat them are dropped.")

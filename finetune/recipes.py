@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from finetune.config import TrainConfig
+from finetune.pairs import DEFAULT_N as DEFAULT_PAIRS
 from rtlocal.errors import RtlocalError, UsageError
 from rtlocal.runtime.models import DEFAULT_MODEL_NAME
 
@@ -100,7 +101,7 @@ def _default_config(base: str | None = None) -> TrainConfig:
         _builtin_only_config(base),
         data=[
             "builtin*0.5",
-            "pairs:2680*0.2",  # 141 pairs a type before the sample (19 types)
+            f"pairs:{DEFAULT_PAIRS}*0.2",
             f"jsonl:{BUILTIN / 'forced.jsonl'}",
             f"coconot-refusal:{THIRDPARTY / 'coconot' / 'refusal_train.jsonl'}",
             f"coconot-contrast:{THIRDPARTY / 'coconot' / 'contrast_train.jsonl'}*0.8",
